@@ -1,0 +1,1 @@
+//! flanneld command line.

@@ -1,0 +1,1 @@
+//! iptables / nftables rules.

@@ -1,0 +1,1 @@
+//! lease manager (TODO).

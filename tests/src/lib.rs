@@ -1,0 +1,1 @@
+//! Test fixtures: a real etcd, network namespaces, child processes; all cleaned up on drop.
