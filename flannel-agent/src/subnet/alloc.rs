@@ -49,18 +49,18 @@ pub fn fits(range: &Ipv4Range, subnet: Ipv4Net) -> bool {
         && subnet.network() <= range.subnet_max
 }
 
-/// Leases as closed intervals sorted by start, with the running maximum of their ends,
-/// so an overlap check is one binary search.
+/// Taken subnets as closed intervals sorted by start, with the running maximum of their
+/// ends, so an overlap check is one binary search.
 struct Taken {
     starts: Vec<u32>,
     max_end: Vec<u32>,
 }
 
 impl Taken {
-    fn new(leases: &[Lease]) -> Self {
-        let mut v: Vec<(u32, u32)> = leases
+    fn new(taken: &[Ipv4Net]) -> Self {
+        let mut v: Vec<(u32, u32)> = taken
             .iter()
-            .map(|l| (u32::from(l.subnet().network()), u32::from(l.subnet().broadcast())))
+            .map(|n| (u32::from(n.network()), u32::from(n.broadcast())))
             .collect();
         v.sort_unstable();
         let mut max = 0;
@@ -85,10 +85,12 @@ impl Taken {
     }
 }
 
-/// Picks our subnet. `stale` receives keys holding our PublicIP that no longer fit the
-/// config (flannel deletes those).
+/// Picks our subnet. `taken` holds the subnet of every existing key, whatever its value;
+/// `leases` the valid ones. `stale` receives keys holding our PublicIP that no longer
+/// fit the config (flannel deletes those).
 pub fn choose(
     range: &Ipv4Range,
+    taken: &[Ipv4Net],
     leases: &[Lease],
     public_ip: Ipv4Addr,
     previous: Option<Ipv4Net>,
@@ -107,7 +109,7 @@ pub fn choose(
         return Ok(Choice::Reuse(l));
     }
 
-    let taken = Taken::new(leases);
+    let taken = Taken::new(taken);
     if let Some(prev) = previous
         && fits(range, prev)
         && !taken.overlaps(prev)
@@ -171,6 +173,18 @@ mod tests {
         ]
     }
 
+    fn pick(
+        r: &Ipv4Range,
+        leases: &[Lease],
+        ip: Ipv4Addr,
+        prev: Option<&str>,
+        rng: &mut impl Rng,
+        stale: &mut Vec<Lease>,
+    ) -> Result<Choice, AllocError> {
+        let taken: Vec<Ipv4Net> = leases.iter().map(Lease::subnet).collect();
+        choose(r, &taken, leases, ip, prev.map(|p| p.parse().unwrap()), rng, stale)
+    }
+
     const FLANNEL_CFG: &str = r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.5.0"}"#;
 
     #[test]
@@ -178,7 +192,7 @@ mod tests {
         let r = range(FLANNEL_CFG);
         for seed in 0..20 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let c = choose(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), None, &mut rng, &mut vec![]).unwrap();
+            let c = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), None, &mut rng, &mut vec![]).unwrap();
             assert_eq!(c, Choice::Fresh("10.3.3.0/24".parse().unwrap()));
         }
     }
@@ -186,7 +200,7 @@ mod tests {
     #[test]
     fn reuse_by_public_ip() {
         let r = range(FLANNEL_CFG);
-        let c = choose(&r, &flannel_seed(), Ipv4Addr::new(1, 1, 1, 4), None, &mut rand::rng(), &mut vec![]).unwrap();
+        let c = pick(&r, &flannel_seed(), Ipv4Addr::new(1, 1, 1, 4), None, &mut rand::rng(), &mut vec![]).unwrap();
         assert_eq!(c.subnet().to_string(), "10.3.4.0/24");
         assert!(matches!(c, Choice::Reuse(_)));
     }
@@ -195,7 +209,7 @@ mod tests {
     fn own_lease_outside_range_is_stale() {
         let r = range(FLANNEL_CFG);
         let mut stale = vec![];
-        let c = choose(&r, &flannel_seed(), Ipv4Addr::new(1, 1, 1, 31), None, &mut rand::rng(), &mut stale).unwrap();
+        let c = pick(&r, &flannel_seed(), Ipv4Addr::new(1, 1, 1, 31), None, &mut rand::rng(), &mut stale).unwrap();
         assert_eq!(c, Choice::Fresh("10.3.3.0/24".parse().unwrap()));
         assert_eq!(stale.len(), 1);
         assert_eq!(stale[0].subnet().to_string(), "10.3.31.0/24");
@@ -204,7 +218,7 @@ mod tests {
     #[test]
     fn previous_subnet_is_reused_when_free_and_in_range() {
         let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.25.0"}"#);
-        let c = choose(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), Some("10.3.6.0/24".parse().unwrap()), &mut rand::rng(), &mut vec![]).unwrap();
+        let c = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), Some("10.3.6.0/24"), &mut rand::rng(), &mut vec![]).unwrap();
         assert_eq!(c, Choice::Previous("10.3.6.0/24".parse().unwrap()));
     }
 
@@ -212,7 +226,7 @@ mod tests {
     fn previous_subnet_outside_range_or_taken_is_rejected() {
         let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.25.0"}"#);
         for prev in ["10.4.1.0/24", "10.3.2.0/24", "10.3.6.0/25", "10.3.26.0/24"] {
-            let c = choose(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), Some(prev.parse().unwrap()), &mut rand::rng(), &mut vec![]).unwrap();
+            let c = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), Some(prev), &mut rand::rng(), &mut vec![]).unwrap();
             assert!(matches!(c, Choice::Fresh(_)), "{prev} reused");
             assert!(fits(&r, c.subnet()));
         }
@@ -221,7 +235,7 @@ mod tests {
     #[test]
     fn out_of_subnets() {
         let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.2.0"}"#);
-        let e = choose(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), None, &mut rand::rng(), &mut vec![]).unwrap_err();
+        let e = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), None, &mut rand::rng(), &mut vec![]).unwrap_err();
         assert_eq!(e.to_string(), "out of subnets");
     }
 
@@ -229,7 +243,7 @@ mod tests {
     fn a_wider_lease_blocks_what_it_covers() {
         let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.3.0"}"#);
         let leases = vec![lease("10.3.0.0/22", [5, 5, 5, 5])];
-        let e = choose(&r, &leases, Ipv4Addr::new(9, 9, 9, 9), None, &mut rand::rng(), &mut vec![]);
+        let e = pick(&r, &leases, Ipv4Addr::new(9, 9, 9, 9), None, &mut rand::rng(), &mut vec![]);
         assert_eq!(e, Err(AllocError::OutOfSubnets));
     }
 
@@ -238,7 +252,7 @@ mod tests {
         let r = range(r#"{"Network":"10.0.0.0/8"}"#);
         let mut seen = std::collections::HashSet::new();
         for seed in 0..200 {
-            let c = choose(&r, &[], Ipv4Addr::new(9, 9, 9, 9), None, &mut StdRng::seed_from_u64(seed), &mut vec![]).unwrap();
+            let c = pick(&r, &[], Ipv4Addr::new(9, 9, 9, 9), None, &mut StdRng::seed_from_u64(seed), &mut vec![]).unwrap();
             let third = c.subnet().network().octets();
             assert!(u32::from(c.subnet().network()) < u32::from(Ipv4Addr::new(10, 0, 101, 0)), "{third:?}");
             seen.insert(c.subnet());
