@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod host;
 pub mod iface;
 pub mod mac;
