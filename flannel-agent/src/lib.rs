@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod host;
 pub mod iface;
+pub mod logging;
 pub mod mac;
 pub mod netlink;
 pub mod subnet;
