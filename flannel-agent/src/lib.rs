@@ -17,4 +17,5 @@ pub mod iface;
 pub mod logging;
 pub mod mac;
 pub mod netlink;
+pub mod state;
 pub mod subnet;
