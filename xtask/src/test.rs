@@ -1,0 +1,48 @@
+//! `cargo xtask test`: build everything, then run every test.
+//!
+//! Order matters: the BPF object first (flanneld embeds it at compile time), then
+//! `cargo build --bins` (integration tests run the `flanneld` binary, which `cargo test`
+//! does not build for another crate's tests), then `cargo test`. Under `CI=true` anything
+//! that would make tests skip is an error here already.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    ebpf, setup,
+    util::{cargo, is_root, run, under_ci},
+};
+
+pub fn test(cargo_args: &[String]) -> Result<()> {
+    let ci = under_ci();
+    let problems = setup::check();
+    for p in &problems {
+        eprintln!("warning: {p}; run `cargo xtask setup` as root");
+    }
+    if ci && !problems.is_empty() {
+        bail!("CI=true: prerequisites missing ({})", problems.join("; "));
+    }
+    if !is_root() {
+        if ci {
+            bail!("CI=true: the privileged tests need root; run cargo xtask test as root");
+        }
+        eprintln!(
+            "warning: not root: the privileged tests (network namespaces, etcd, BPF) will skip"
+        );
+    }
+
+    match ebpf::toolchain() {
+        Ok(tc) => {
+            let obj = ebpf::build(&tc)?;
+            eprintln!("BPF object: {}", obj.display());
+        }
+        Err(e) if ci => return Err(e.context("CI=true: the BPF object must be built")),
+        Err(e) => eprintln!("warning: {e:#}; the BPF object tests will skip"),
+    }
+
+    run(cargo().args(["build", "--bins"]))?;
+    // flannel-ebpf only builds for the BPF target; everything else is tested.
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "flannel-ebpf"])
+        .args(cargo_args))?;
+    Ok(())
+}
