@@ -151,6 +151,16 @@ pub struct Previous {
     pub subnet: Option<Ipv4Net>,
 }
 
+impl Previous {
+    /// Both values, as [`TrafficManager::setup_masq`] takes them; flannel's stale-rule
+    /// cleanup needs both.
+    ///
+    /// [`TrafficManager::setup_masq`]: super::trafficmngr::TrafficManager::setup_masq
+    pub fn network_and_subnet(&self) -> Option<(Ipv4Net, Ipv4Net)> {
+        Some((self.network?, self.subnet?))
+    }
+}
+
 /// Reads the previous subnet.env. A missing file is `Ok(None)`; a value that is absent,
 /// not a CIDR, or a comma list of more than one entry is `None` (flannel's rule). Lines
 /// that are not `KEY=value` are skipped with a warning.
@@ -347,6 +357,10 @@ mod tests {
         let prev = read_previous(&path).unwrap().unwrap();
         assert_eq!(prev.network, Some(net("10.5.0.0/16")));
         assert_eq!(prev.subnet, Some(net("10.5.72.0/24")));
+        assert_eq!(
+            prev.network_and_subnet(),
+            Some((net("10.5.0.0/16"), net("10.5.72.0/24")))
+        );
     }
 
     #[test]
