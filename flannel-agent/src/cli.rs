@@ -81,8 +81,11 @@ pub enum Dataplane {
     /// eBPF when the object is built in and the kernel can load it, else the kernel's.
     #[default]
     Auto,
+    /// eBPF programs on the external interface (refused when not built in)
     Ebpf,
+    /// the kernel's own devices (vxlan, routes)
     Kernel,
+    /// a TUN device served from userspace
     Tun,
 }
 
@@ -177,6 +180,8 @@ impl Default for LogFlags {
 #[command(
     name = "flanneld",
     about = "flannel-compatible overlay network agent",
+    // The struct's doc comment is for Rust readers, not `--help`.
+    long_about = None,
     disable_version_flag = true,
     // Go's flag package lets the last of repeated single-valued flags win.
     args_override_self = true,
@@ -220,8 +225,7 @@ pub struct Flags {
     #[arg(long, action = ArgAction::Append)]
     pub iface_regex: Vec<String>,
 
-    /// detect the interface to use (IP or name) for inter-host communication based on
-    /// which will be used for the provided IP
+    /// detect the interface to use for inter-host communication from the route to this IP
     #[arg(long)]
     pub iface_can_reach: Option<Ipv4Addr>,
 
@@ -737,7 +741,7 @@ mod tests {
         assert_eq!(f.log.vmodule.as_deref(), Some("foo=2"));
         assert_eq!(run(&["-v", "2"]).log.v, 2);
         assert_eq!(run(&["--v=3"]).log.v, 3);
-        assert_eq!(run(&["--logtostderr"]).log.logtostderr, true);
+        assert!(run(&["--logtostderr=false", "-logtostderr"]).log.logtostderr);
     }
 
     #[test]
