@@ -312,6 +312,10 @@ pub struct Flags {
     #[arg(long, value_enum, default_value_t = Dataplane::Auto)]
     pub dataplane: Dataplane,
 
+    /// directory for state kept across restarts and reboots (the VTEP MAC)
+    #[arg(long, default_value = "/var/lib/flannel")]
+    pub state_dir: PathBuf,
+
     #[command(flatten)]
     pub log: LogFlags,
 }
@@ -741,7 +745,11 @@ mod tests {
         assert_eq!(f.log.vmodule.as_deref(), Some("foo=2"));
         assert_eq!(run(&["-v", "2"]).log.v, 2);
         assert_eq!(run(&["--v=3"]).log.v, 3);
-        assert!(run(&["--logtostderr=false", "-logtostderr"]).log.logtostderr);
+        assert!(
+            run(&["--logtostderr=false", "-logtostderr"])
+                .log
+                .logtostderr
+        );
     }
 
     #[test]
