@@ -5,9 +5,10 @@
 //! the object is missing, an empty file is embedded and `flanneld` refuses the eBPF
 //! dataplane at run time with a message saying how to build it.
 //!
-//! Rerun triggers: the object itself and its directory. Watching a missing file would make
-//! cargo rerun this script (and rebuild the agent) on every build, so the directory is
-//! created when it is our own default location; it only changes during BPF builds.
+//! Rerun triggers: the object itself and, for the default location, its directory.
+//! Watching a missing file would make cargo rerun this script (and rebuild the agent) on
+//! every build, so the default directory is created and watched instead; it only changes
+//! during BPF builds.
 
 use std::{env, fs, path::PathBuf};
 
@@ -32,13 +33,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    if let Some(dir) = object.parent() {
-        if is_default {
-            fs::create_dir_all(dir)?;
-        }
-        if dir.is_dir() {
-            println!("cargo::rerun-if-changed={}", dir.display());
-        }
+    // Only our own output directory is watched: cargo scans a watched directory
+    // recursively, so the parent of an arbitrary FLANNEL_EBPF_OBJECT (say `/`) could cost
+    // a scan of the whole filesystem on every build. An override is re-read when the
+    // variable or the file changes.
+    if is_default && let Some(dir) = object.parent() {
+        fs::create_dir_all(dir)?;
+        println!("cargo::rerun-if-changed={}", dir.display());
     }
 
     let out =

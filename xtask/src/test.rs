@@ -40,9 +40,16 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     }
 
     run(cargo().args(["build", "--bins"]))?;
-    // flannel-ebpf only builds for the BPF target; everything else is tested.
+    // flannel-ebpf only builds for the BPF target; everything else is tested. No fail-fast:
+    // one failing test binary must not hide the results of the others.
     run(cargo()
-        .args(["test", "--workspace", "--exclude", "flannel-ebpf"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "flannel-ebpf",
+            "--no-fail-fast",
+        ])
         .args(cargo_args))?;
     Ok(())
 }
