@@ -8,6 +8,8 @@ use crate::util::{cargo_bin_dir, is_root, run, which};
 
 /// Debian packages the build, the tests and the smoke run need.
 pub const PACKAGES: &[&str] = &[
+    // A C toolchain: rustc links through `cc`, and ring (rustls, for etcd TLS) compiles C.
+    "build-essential",
     // etcd 3.4 (etcd, etcdctl) for the integration tests and the smoke run.
     "etcd-server",
     "etcd-client",
