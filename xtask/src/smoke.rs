@@ -388,6 +388,9 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
         }
     }
 
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
     println!();
     println!(
         "{:<5} {:<12} {:<16} {:<6} {:<6} {:<12} {:<12}",
