@@ -555,10 +555,9 @@ mod tests {
 
     #[test]
     fn flannel_ipv6_vectors() {
-        let c = parse_config(
-            br#"{"enableIPv6":true,"ipv6Network":"fc00::/48","enableIPv4":false}"#,
-        )
-        .unwrap();
+        let c =
+            parse_config(br#"{"enableIPv6":true,"ipv6Network":"fc00::/48","enableIPv4":false}"#)
+                .unwrap();
         assert!(c.ipv4.is_none());
         let r = c.ipv6.unwrap();
         assert_eq!(r.subnet_len, 64);
@@ -653,7 +652,9 @@ mod tests {
             "please define a correct IPv6Network parameter in the flannel config"
         );
         assert_eq!(
-            err(r#"{"EnableIPv6":true,"EnableIPv4":false,"IPv6Network":"fc00::/48","IPv6SubnetLen":127}"#),
+            err(
+                r#"{"EnableIPv6":true,"EnableIPv4":false,"IPv6Network":"fc00::/48","IPv6SubnetLen":127}"#
+            ),
             "SubnetLen must be less than /127"
         );
         assert_eq!(
@@ -697,8 +698,10 @@ mod tests {
             err(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"bogus"}}"#),
             "unknown backend type: bogus"
         );
-        assert!(err(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard"}}"#)
-            .contains("not supported"));
+        assert!(
+            err(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard"}}"#)
+                .contains("not supported")
+        );
         assert_eq!(
             err(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#),
             "config key Backend.VNI: expected a non-negative integer in range, got 16777216"

@@ -332,6 +332,7 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
         tokio::select! {
             ev = rx.recv() => match ev {
                 Some(ManagerEvent::Peers(evs)) => evs.iter().for_each(log_peer),
+                Some(ManagerEvent::Snapshot(peers)) => info!(peers = peers.len(), "peer set resynchronised"),
                 Some(ManagerEvent::OwnLease(l)) => {
                     if let Err(e) = host.apply(l.subnet()).await {
                         error!(error = %e, "updating the host for our new lease failed");

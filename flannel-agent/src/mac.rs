@@ -75,7 +75,14 @@ mod tests {
     fn round_trip_and_case() {
         let m: MacAddr = "C6:D2:32:6f:8f:44".parse().unwrap();
         assert_eq!(m.to_string(), "c6:d2:32:6f:8f:44");
-        for bad in ["", "c6:d2:32:6f:8f", "c6:d2:32:6f:8f:44:00", "c6-d2-32-6f-8f-44", "+6:d2:32:6f:8f:44", "c6:d2:32:6f:8f:4"] {
+        for bad in [
+            "",
+            "c6:d2:32:6f:8f",
+            "c6:d2:32:6f:8f:44:00",
+            "c6-d2-32-6f-8f-44",
+            "+6:d2:32:6f:8f:44",
+            "c6:d2:32:6f:8f:4",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

@@ -45,7 +45,9 @@ pub fn load_or_create_vtep_mac(dir: &Path, device: &str) -> Result<MacAddr, Stat
     match std::fs::read_to_string(&path) {
         Ok(s) => match s.trim().parse::<MacAddr>() {
             Ok(mac) if mac.is_valid_vtep() => return Ok(mac),
-            _ => tracing::warn!(path = %path.display(), "state file holds no valid MAC, picking a new one"),
+            _ => {
+                tracing::warn!(path = %path.display(), "state file holds no valid MAC, picking a new one")
+            }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(StateError::Read { path, source }),

@@ -512,6 +512,7 @@ async fn mutual_tls_without_client_cert_fails() {
         "expected a Connect error, got {e:?}"
     );
     assert!(e.to_string().contains(&etcd.endpoint()), "{e}");
+    assert!(e.to_string().contains("client certificate"), "no hint: {e}");
     assert_server_rejected(&etcd, "didn't provide a certificate");
 }
 
@@ -532,6 +533,7 @@ async fn client_cert_from_wrong_ca_fails() {
     let msg = e.to_string();
     assert!(msg.contains("cannot connect to etcd"), "{msg}");
     assert!(msg.contains(&etcd.endpoint()), "{msg}");
+    assert!(msg.contains("client certificate"), "no hint: {msg}");
     assert_server_rejected(&etcd, "certificate signed by unknown authority");
 }
 

@@ -41,9 +41,7 @@ impl Host {
             Some(p) => cmd.env("NOTIFY_SOCKET", p),
             None => cmd.env_remove("NOTIFY_SOCKET"),
         };
-        let log = self
-            .dir
-            .join(format!("flanneld-{}.log", rand_suffix()));
+        let log = self.dir.join(format!("flanneld-{}.log", rand_suffix()));
         Child::spawn_logged("flanneld", cmd, &log)
     }
 
@@ -101,22 +99,26 @@ fn setup(test: &str, hosts: usize) -> Option<(Underlay, Etcd, Vec<Host>, tempfil
 }
 
 fn wait_file(path: &Path, secs: u64) -> String {
-    flannel_tests::wait_until(Duration::from_secs(secs), || std::fs::read_to_string(path).ok())
-        .unwrap_or_else(|| panic!("{} not written within {secs}s", path.display()))
+    flannel_tests::wait_until(Duration::from_secs(secs), || {
+        std::fs::read_to_string(path).ok()
+    })
+    .unwrap_or_else(|| panic!("{} not written within {secs}s", path.display()))
 }
 
 #[test]
 fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_other() {
-    let Some((_underlay, etcd, hosts, tmp)) =
-        setup("two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_other", 2)
-    else {
+    let Some((_underlay, etcd, hosts, tmp)) = setup(
+        "two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_other",
+        2,
+    ) else {
         return;
     };
     etcd.put(&format!("{PREFIX}/config"), CONFIG);
 
     let sock_path = tmp.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
 
     let mut a = hosts[0].flanneld(&etcd, &["--ip-masq"], Some(&sock_path));
     let mut b = hosts[1].flanneld(&etcd, &[], None);
@@ -132,15 +134,23 @@ fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_oth
         let lines: Vec<&str> = env.lines().collect();
         assert_eq!(lines.len(), 4, "{env}");
         assert_eq!(lines[0], "FLANNEL_NETWORK=10.5.0.0/16");
-        assert!(lines[1].starts_with("FLANNEL_SUBNET=10.5.") && lines[1].ends_with(".1/24"), "{env}");
+        assert!(
+            lines[1].starts_with("FLANNEL_SUBNET=10.5.") && lines[1].ends_with(".1/24"),
+            "{env}"
+        );
         assert_eq!(lines[2], "FLANNEL_MTU=1450");
         assert_eq!(lines[3], format!("FLANNEL_IPMASQ={masq}"));
     }
-    let (sa, sb) = (env_var(&env_a, "FLANNEL_SUBNET"), env_var(&env_b, "FLANNEL_SUBNET"));
+    let (sa, sb) = (
+        env_var(&env_a, "FLANNEL_SUBNET"),
+        env_var(&env_b, "FLANNEL_SUBNET"),
+    );
     assert_ne!(sa, sb, "both hosts got the same subnet");
 
     // The leases are flannel's JSON, naming each host's PublicIP and VTEP MAC.
-    let la = etcd.get(&format!("{PREFIX}/subnets/{}", key_name(&sa))).expect("lease A");
+    let la = etcd
+        .get(&format!("{PREFIX}/subnets/{}", key_name(&sa)))
+        .expect("lease A");
     assert!(la.starts_with(&format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":""#, hosts[0].ip)), "{la}");
 
     // Each logs the other as a peer.
@@ -152,14 +162,25 @@ fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_oth
     assert!(b.log().contains("peer added"));
 
     let health = hosts[0].http_get("/healthz");
-    assert!(health.starts_with("HTTP/1.") && health.contains(" 200 ") && health.contains("flanneld is running"), "{health}");
+    assert!(
+        health.starts_with("HTTP/1.")
+            && health.contains(" 200 ")
+            && health.contains("flanneld is running"),
+        "{health}"
+    );
     let ready = hosts[0].http_get("/readyz");
-    assert!(ready.contains(" 200 ") && ready.contains("flanneld is ready"), "{ready}");
+    assert!(
+        ready.contains(" 200 ") && ready.contains("flanneld is ready"),
+        "{ready}"
+    );
 
     // --ip-masq installed flannel's masquerade chain inside host A (and only there).
     let nat = hosts[0].ns.exec_ok(&["iptables-save", "-t", "nat"]);
     assert!(nat.contains("-A FLANNEL-POSTRTG"), "{nat}");
-    assert!(nat.contains(&format!("-s {subnet_a} -d 10.5.0.0/16")), "{nat}");
+    assert!(
+        nat.contains(&format!("-s {subnet_a} -d 10.5.0.0/16")),
+        "{nat}"
+    );
 
     // SIGTERM: exit 0, lease kept, peer B does not see A removed.
     let mac_a = la.split("\"VtepMAC\":\"").nth(1).unwrap()[..17].to_owned();
@@ -167,16 +188,29 @@ fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_oth
     let status = flannel_tests::wait_until(Duration::from_secs(10), || a.try_wait())
         .expect("flanneld did not exit on SIGTERM");
     assert!(status.success(), "exit status {status}");
-    assert!(etcd.get(&format!("{PREFIX}/subnets/{}", key_name(&sa))).is_some(), "lease removed on exit");
+    assert!(
+        etcd.get(&format!("{PREFIX}/subnets/{}", key_name(&sa)))
+            .is_some(),
+        "lease removed on exit"
+    );
 
     // Restart: same subnet, same VTEP MAC.
     let mut a2 = hosts[0].flanneld(&etcd, &["--ip-masq"], None);
     a2.expect_log("flanneld is ready", Duration::from_secs(30));
     let env_a2 = subnet_env(&hosts[0]).unwrap();
     assert_eq!(env_var(&env_a2, "FLANNEL_SUBNET"), sa);
-    let la2 = etcd.get(&format!("{PREFIX}/subnets/{}", key_name(&sa))).unwrap();
-    assert!(la2.contains(&mac_a), "VTEP MAC changed across restart: {la} -> {la2}");
-    assert!(!b.log().contains("peer removed"), "B saw A removed:\n{}", b.log());
+    let la2 = etcd
+        .get(&format!("{PREFIX}/subnets/{}", key_name(&sa)))
+        .unwrap();
+    assert!(
+        la2.contains(&mac_a),
+        "VTEP MAC changed across restart: {la} -> {la2}"
+    );
+    assert!(
+        !b.log().contains("peer removed"),
+        "B saw A removed:\n{}",
+        b.log()
+    );
 }
 
 #[test]
@@ -187,20 +221,30 @@ fn flanneld_waits_for_a_missing_or_invalid_config() {
         return;
     };
     let mut a = hosts[0].flanneld(&etcd, &[], None);
-    a.expect_log("flannel config not found in etcd store", Duration::from_secs(20));
-    etcd.put(&format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#);
+    a.expect_log(
+        "flannel config not found in etcd store",
+        Duration::from_secs(20),
+    );
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#,
+    );
     a.expect_log("SubnetLen must be less than /31", Duration::from_secs(20));
     assert!(subnet_env(&hosts[0]).is_none());
     etcd.put(&format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16"}"#);
     a.expect_log("flanneld is ready", Duration::from_secs(20));
-    assert!(a.log().contains("using udp"), "no notice about the missing Backend");
+    assert!(
+        a.log().contains("using udp"),
+        "no notice about the missing Backend"
+    );
     let env = subnet_env(&hosts[0]).unwrap();
     assert_eq!(env_var(&env, "FLANNEL_MTU"), "1472");
 }
 
 #[test]
 fn flanneld_refuses_ipv6_and_kube_mode_clearly() {
-    let Some((_underlay, etcd, hosts, _tmp)) = setup("flanneld_refuses_ipv6_and_kube_mode_clearly", 1)
+    let Some((_underlay, etcd, hosts, _tmp)) =
+        setup("flanneld_refuses_ipv6_and_kube_mode_clearly", 1)
     else {
         return;
     };
@@ -212,7 +256,11 @@ fn flanneld_refuses_ipv6_and_kube_mode_clearly() {
     let status = flannel_tests::wait_until(Duration::from_secs(20), || a.try_wait())
         .expect("flanneld kept running with EnableIPv6");
     assert!(!status.success());
-    assert!(a.log().contains("EnableIPv6 is not supported yet"), "{}", a.log());
+    assert!(
+        a.log().contains("EnableIPv6 is not supported yet"),
+        "{}",
+        a.log()
+    );
 
     let out = Command::new(flannel_tests::flanneld_bin())
         .arg("--kube-subnet-mgr")

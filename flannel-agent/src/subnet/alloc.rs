@@ -118,7 +118,10 @@ pub fn choose(
     }
 
     let step = 1u64 << (32 - u32::from(range.subnet_len));
-    let (min, max) = (u64::from(u32::from(range.subnet_min)), u64::from(u32::from(range.subnet_max)));
+    let (min, max) = (
+        u64::from(u32::from(range.subnet_min)),
+        u64::from(u32::from(range.subnet_max)),
+    );
     let mut free = Vec::with_capacity(CANDIDATES);
     let mut at = min;
     while at <= max && free.len() < CANDIDATES {
@@ -182,17 +185,34 @@ mod tests {
         stale: &mut Vec<Lease>,
     ) -> Result<Choice, AllocError> {
         let taken: Vec<Ipv4Net> = leases.iter().map(Lease::subnet).collect();
-        choose(r, &taken, leases, ip, prev.map(|p| p.parse().unwrap()), rng, stale)
+        choose(
+            r,
+            &taken,
+            leases,
+            ip,
+            prev.map(|p| p.parse().unwrap()),
+            rng,
+            stale,
+        )
     }
 
-    const FLANNEL_CFG: &str = r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.5.0"}"#;
+    const FLANNEL_CFG: &str =
+        r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.5.0"}"#;
 
     #[test]
     fn the_only_free_subnet_is_picked() {
         let r = range(FLANNEL_CFG);
         for seed in 0..20 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let c = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), None, &mut rng, &mut vec![]).unwrap();
+            let c = pick(
+                &r,
+                &flannel_seed(),
+                Ipv4Addr::new(9, 9, 9, 9),
+                None,
+                &mut rng,
+                &mut vec![],
+            )
+            .unwrap();
             assert_eq!(c, Choice::Fresh("10.3.3.0/24".parse().unwrap()));
         }
     }
@@ -200,7 +220,15 @@ mod tests {
     #[test]
     fn reuse_by_public_ip() {
         let r = range(FLANNEL_CFG);
-        let c = pick(&r, &flannel_seed(), Ipv4Addr::new(1, 1, 1, 4), None, &mut rand::rng(), &mut vec![]).unwrap();
+        let c = pick(
+            &r,
+            &flannel_seed(),
+            Ipv4Addr::new(1, 1, 1, 4),
+            None,
+            &mut rand::rng(),
+            &mut vec![],
+        )
+        .unwrap();
         assert_eq!(c.subnet().to_string(), "10.3.4.0/24");
         assert!(matches!(c, Choice::Reuse(_)));
     }
@@ -209,7 +237,15 @@ mod tests {
     fn own_lease_outside_range_is_stale() {
         let r = range(FLANNEL_CFG);
         let mut stale = vec![];
-        let c = pick(&r, &flannel_seed(), Ipv4Addr::new(1, 1, 1, 31), None, &mut rand::rng(), &mut stale).unwrap();
+        let c = pick(
+            &r,
+            &flannel_seed(),
+            Ipv4Addr::new(1, 1, 1, 31),
+            None,
+            &mut rand::rng(),
+            &mut stale,
+        )
+        .unwrap();
         assert_eq!(c, Choice::Fresh("10.3.3.0/24".parse().unwrap()));
         assert_eq!(stale.len(), 1);
         assert_eq!(stale[0].subnet().to_string(), "10.3.31.0/24");
@@ -217,16 +253,34 @@ mod tests {
 
     #[test]
     fn previous_subnet_is_reused_when_free_and_in_range() {
-        let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.25.0"}"#);
-        let c = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), Some("10.3.6.0/24"), &mut rand::rng(), &mut vec![]).unwrap();
+        let r =
+            range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.25.0"}"#);
+        let c = pick(
+            &r,
+            &flannel_seed(),
+            Ipv4Addr::new(9, 9, 9, 9),
+            Some("10.3.6.0/24"),
+            &mut rand::rng(),
+            &mut vec![],
+        )
+        .unwrap();
         assert_eq!(c, Choice::Previous("10.3.6.0/24".parse().unwrap()));
     }
 
     #[test]
     fn previous_subnet_outside_range_or_taken_is_rejected() {
-        let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.25.0"}"#);
+        let r =
+            range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.25.0"}"#);
         for prev in ["10.4.1.0/24", "10.3.2.0/24", "10.3.6.0/25", "10.3.26.0/24"] {
-            let c = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), Some(prev), &mut rand::rng(), &mut vec![]).unwrap();
+            let c = pick(
+                &r,
+                &flannel_seed(),
+                Ipv4Addr::new(9, 9, 9, 9),
+                Some(prev),
+                &mut rand::rng(),
+                &mut vec![],
+            )
+            .unwrap();
             assert!(matches!(c, Choice::Fresh(_)), "{prev} reused");
             assert!(fits(&r, c.subnet()));
         }
@@ -235,7 +289,15 @@ mod tests {
     #[test]
     fn out_of_subnets() {
         let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.2.0"}"#);
-        let e = pick(&r, &flannel_seed(), Ipv4Addr::new(9, 9, 9, 9), None, &mut rand::rng(), &mut vec![]).unwrap_err();
+        let e = pick(
+            &r,
+            &flannel_seed(),
+            Ipv4Addr::new(9, 9, 9, 9),
+            None,
+            &mut rand::rng(),
+            &mut vec![],
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "out of subnets");
     }
 
@@ -243,7 +305,14 @@ mod tests {
     fn a_wider_lease_blocks_what_it_covers() {
         let r = range(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.1.0","SubnetMax":"10.3.3.0"}"#);
         let leases = vec![lease("10.3.0.0/22", [5, 5, 5, 5])];
-        let e = pick(&r, &leases, Ipv4Addr::new(9, 9, 9, 9), None, &mut rand::rng(), &mut vec![]);
+        let e = pick(
+            &r,
+            &leases,
+            Ipv4Addr::new(9, 9, 9, 9),
+            None,
+            &mut rand::rng(),
+            &mut vec![],
+        );
         assert_eq!(e, Err(AllocError::OutOfSubnets));
     }
 
@@ -252,9 +321,20 @@ mod tests {
         let r = range(r#"{"Network":"10.0.0.0/8"}"#);
         let mut seen = std::collections::HashSet::new();
         for seed in 0..200 {
-            let c = pick(&r, &[], Ipv4Addr::new(9, 9, 9, 9), None, &mut StdRng::seed_from_u64(seed), &mut vec![]).unwrap();
+            let c = pick(
+                &r,
+                &[],
+                Ipv4Addr::new(9, 9, 9, 9),
+                None,
+                &mut StdRng::seed_from_u64(seed),
+                &mut vec![],
+            )
+            .unwrap();
             let third = c.subnet().network().octets();
-            assert!(u32::from(c.subnet().network()) < u32::from(Ipv4Addr::new(10, 0, 101, 0)), "{third:?}");
+            assert!(
+                u32::from(c.subnet().network()) < u32::from(Ipv4Addr::new(10, 0, 101, 0)),
+                "{third:?}"
+            );
             seen.insert(c.subnet());
         }
         assert!(seen.len() > 50, "random pick is not spread: {}", seen.len());

@@ -25,11 +25,13 @@ pub enum EtcdError {
     },
     #[error("invalid etcd TLS settings: {0}")]
     TlsSettings(String),
-    #[error("cannot connect to etcd at {endpoints}: {source}")]
+    #[error("cannot connect to etcd at {endpoints}: {source}{hint}")]
     Connect {
         endpoints: String,
         #[source]
         source: etcd_client::Error,
+        /// Empty, or "; " and what probably went wrong.
+        hint: String,
     },
     #[error("etcd {op} failed: {source}")]
     Rpc {
@@ -191,7 +193,13 @@ impl Registry {
         let connect = Client::connect(opts.endpoints.clone(), Some(co));
         let client = match tokio::time::timeout(RPC_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
-            Ok(Err(source)) => return Err(EtcdError::Connect { endpoints, source }),
+            Ok(Err(source)) => {
+                return Err(EtcdError::Connect {
+                    endpoints,
+                    source,
+                    hint: String::new(),
+                });
+            }
             Err(_) => {
                 return Err(EtcdError::Timeout {
                     op: "connect",
@@ -206,10 +214,30 @@ impl Registry {
             prefix,
         };
         let mut kv = reg.client.kv_client();
-        let probe = kv.get(format!("{}/config", reg.prefix), Some(GetOptions::new().with_count_only()));
+        let probe = kv.get(
+            format!("{}/config", reg.prefix),
+            Some(GetOptions::new().with_count_only()),
+        );
         match tokio::time::timeout(RPC_TIMEOUT, probe).await {
             Ok(Ok(_)) => Ok(reg),
-            Ok(Err(source)) => Err(EtcdError::Connect { endpoints, source }),
+            Ok(Err(source)) => {
+                // etcd drops a TLS connection whose client certificate it rejects without
+                // saying why; the client only sees the connection close.
+                let closed = matches!(&source, etcd_client::Error::GRpcStatus(st)
+                    if matches!(st.code(), tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown));
+                let hint = if closed && opts.cafile.is_some() {
+                    "; the server closed the TLS connection: it may require a client certificate \
+                     (--etcd-certfile/--etcd-keyfile) or reject the one given as not signed by a CA it trusts"
+                        .to_owned()
+                } else {
+                    String::new()
+                };
+                Err(EtcdError::Connect {
+                    endpoints,
+                    source,
+                    hint,
+                })
+            }
             Err(_) => Err(EtcdError::Timeout {
                 op: "connect",
                 secs: RPC_TIMEOUT.as_secs(),
@@ -229,7 +257,11 @@ impl Registry {
     /// The raw config value, or None when the key is missing.
     pub async fn get_config(&self) -> Result<Option<Vec<u8>>, EtcdError> {
         let mut kv = self.client.kv_client();
-        let resp = timed("get config", kv.get(format!("{}/config", self.prefix), None)).await?;
+        let resp = timed(
+            "get config",
+            kv.get(format!("{}/config", self.prefix), None),
+        )
+        .await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
@@ -273,7 +305,10 @@ impl Registry {
     pub async fn get_subnet(&self, name: &str) -> Result<Option<RawLease>, EtcdError> {
         let mut kv = self.client.kv_client();
         let resp = timed("get subnet", kv.get(self.subnet_key(name), None)).await?;
-        Ok(resp.kvs().first().and_then(|kv| raw_lease(&self.subnets, kv)))
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| raw_lease(&self.subnets, kv)))
     }
 
     async fn grant(&self, ttl: Option<i64>) -> Result<i64, EtcdError> {
@@ -311,9 +346,10 @@ impl Registry {
         let key = self.subnet_key(name);
         let etcd_lease = self.grant(ttl).await?;
         let put_opts = (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease));
-        let txn = Txn::new()
-            .when([cond])
-            .and_then([TxnOp::put(key.clone(), value, put_opts), TxnOp::get(key, None)]);
+        let txn = Txn::new().when([cond]).and_then([
+            TxnOp::put(key.clone(), value, put_opts),
+            TxnOp::get(key, None),
+        ]);
         let mut kv = self.client.kv_client();
         let resp = match timed(op, kv.txn(txn)).await {
             Ok(r) => r,
@@ -369,7 +405,11 @@ impl Registry {
     pub async fn delete_subnet_if(&self, name: &str, mod_revision: i64) -> Result<bool, EtcdError> {
         let key = self.subnet_key(name);
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
             .and_then([TxnOp::delete(key, None)]);
         let mut kv = self.client.kv_client();
         Ok(timed("delete subnet", kv.txn(txn)).await?.succeeded())
@@ -410,7 +450,12 @@ impl SubnetWatch {
         let resp = match self.stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(EtcdError::WatchEnded),
-            Err(source) => return Err(EtcdError::Rpc { op: "watch", source }),
+            Err(source) => {
+                return Err(EtcdError::Rpc {
+                    op: "watch",
+                    source,
+                });
+            }
         };
         if resp.compact_revision() > 0 {
             return Err(EtcdError::Compacted {

@@ -104,7 +104,12 @@ mod tests {
 
     #[test]
     fn flannel_round_trips() {
-        for k in ["10.12.13.0-24", "10.12.13.0-24&fd00:12:13::-56", "10.5.52.0-24", "0.0.0.0-0"] {
+        for k in [
+            "10.12.13.0-24",
+            "10.12.13.0-24&fd00:12:13::-56",
+            "10.5.52.0-24",
+            "0.0.0.0-0",
+        ] {
             assert_eq!(SubnetKey::parse(k).unwrap().to_string(), k);
         }
         let k = SubnetKey::parse("10.12.13.0-24&fd00:12:13::-56").unwrap();
@@ -143,7 +148,10 @@ mod tests {
     #[test]
     fn error_names_the_key() {
         let e = SubnetKey::parse("10.12.13.300-24").unwrap_err();
-        assert_eq!(e.to_string(), "invalid subnet key \"10.12.13.300-24\": bad IPv4 address");
+        assert_eq!(
+            e.to_string(),
+            "invalid subnet key \"10.12.13.300-24\": bad IPv4 address"
+        );
     }
 
     proptest::proptest! {

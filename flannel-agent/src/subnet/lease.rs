@@ -116,16 +116,19 @@ impl LeaseAttrs {
             None => return Err(field("PublicIP", "missing")),
         };
         if !is_unicast_v4(public_ip) {
-            return Err(field("PublicIP", format!("{public_ip} is not a unicast address")));
+            return Err(field(
+                "PublicIP",
+                format!("{public_ip} is not a unicast address"),
+            ));
         }
-        let public_ipv6 = match get("PublicIPv6") {
-            Some(Value::String(s)) => Some(
-                s.parse::<Ipv6Addr>()
-                    .map_err(|_| field("PublicIPv6", format!("not an IPv6 address: {}", clip(s))))?,
-            ),
-            Some(_) => return Err(field("PublicIPv6", "not a string")),
-            None => None,
-        };
+        let public_ipv6 =
+            match get("PublicIPv6") {
+                Some(Value::String(s)) => Some(s.parse::<Ipv6Addr>().map_err(|_| {
+                    field("PublicIPv6", format!("not an IPv6 address: {}", clip(s)))
+                })?),
+                Some(_) => return Err(field("PublicIPv6", "not a string")),
+                None => None,
+            };
         let backend = match get("BackendType") {
             None => BackendAttrs::None,
             Some(Value::String(t)) if t.is_empty() => BackendAttrs::None,
@@ -151,7 +154,10 @@ impl LeaseAttrs {
 
 fn parse_vxlan(data: Option<&Value>) -> Result<VxlanAttrs, LeaseError> {
     let Some(Value::Object(obj)) = data else {
-        return Err(field("BackendData", "vxlan lease without a BackendData object"));
+        return Err(field(
+            "BackendData",
+            "vxlan lease without a BackendData object",
+        ));
     };
     let get = |name: &str| {
         obj.iter()
@@ -239,7 +245,10 @@ mod tests {
             br#"{"publicip":"10.0.0.7","backendtype":"vxlan","backenddata":{"vni":5,"vtepmac":"02:00:00:00:00:01"}}"#,
         )
         .unwrap();
-        assert!(matches!(a.backend, BackendAttrs::Vxlan(VxlanAttrs { vni: 5, .. })));
+        assert!(matches!(
+            a.backend,
+            BackendAttrs::Vxlan(VxlanAttrs { vni: 5, .. })
+        ));
     }
 
     #[test]
@@ -253,20 +262,44 @@ mod tests {
             (r#"{"PublicIP":"255.255.255.255"}"#, "not a unicast address"),
             (r#"{"PublicIP":"fd00::1"}"#, "not an IPv4 address"),
             (r#"{"PublicIP":7}"#, "not a string"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan"}"#, "without a BackendData"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1}}"#, "VtepMAC"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}}"#, "not a unicast MAC"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}}"#, "not a unicast MAC"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":16777216,"VtepMAC":"02:00:00:00:00:01"}}"#, "24-bit"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":-1,"VtepMAC":"02:00:00:00:00:01"}}"#, "24-bit"),
-            (r#"{"PublicIP":"10.0.0.1","BackendType":"a\u0000b"}"#, "BackendType: invalid"),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan"}"#,
+                "without a BackendData",
+            ),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1}}"#,
+                "VtepMAC",
+            ),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}}"#,
+                "not a unicast MAC",
+            ),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}}"#,
+                "not a unicast MAC",
+            ),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":16777216,"VtepMAC":"02:00:00:00:00:01"}}"#,
+                "24-bit",
+            ),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":-1,"VtepMAC":"02:00:00:00:00:01"}}"#,
+                "24-bit",
+            ),
+            (
+                r#"{"PublicIP":"10.0.0.1","BackendType":"a\u0000b"}"#,
+                "BackendType: invalid",
+            ),
         ];
         for (input, want) in cases {
             let e = LeaseAttrs::parse(input.as_bytes()).unwrap_err().to_string();
             assert!(e.contains(want), "{input}: {e}");
         }
         let big = format!(r#"{{"PublicIP":"10.0.0.1","X":"{}"}}"#, "a".repeat(5000));
-        assert!(matches!(LeaseAttrs::parse(big.as_bytes()), Err(LeaseError::TooLarge(_))));
+        assert!(matches!(
+            LeaseAttrs::parse(big.as_bytes()),
+            Err(LeaseError::TooLarge(_))
+        ));
     }
 
     proptest::proptest! {

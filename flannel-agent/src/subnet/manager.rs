@@ -53,7 +53,9 @@ pub struct LeaseSpec {
 
 impl LeaseSpec {
     fn ttl_secs(&self) -> i64 {
-        i64::try_from(self.ttl.as_secs()).unwrap_or(super::LEASE_TTL_SECS).max(1)
+        i64::try_from(self.ttl.as_secs())
+            .unwrap_or(super::LEASE_TTL_SECS)
+            .max(1)
     }
 
     fn public_ip(&self) -> Ipv4Addr {
@@ -84,7 +86,12 @@ impl OwnLease {
 /// Messages from the manager to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManagerEvent {
+    /// Incremental changes from the watch.
     Peers(Vec<PeerEvent>),
+    /// The complete, validated peer set after a full listing (start, compaction,
+    /// resync), sent after the matching `Peers` diff. Backends reconcile the kernel
+    /// against it, which removes state of peers that left while we were not looking.
+    Snapshot(Vec<Lease>),
     /// Our lease was lost and re-acquired; the subnet may differ.
     OwnLease(Lease),
 }
@@ -132,7 +139,8 @@ pub async fn acquire(reg: &Registry, spec: &LeaseSpec) -> Result<Lease, ManagerE
         );
         for l in stale.iter().filter(|l| !l.is_reservation()) {
             info!(subnet = %l.subnet(), "deleting our old lease, which no longer fits the config");
-            reg.delete_subnet_if(&l.key.to_string(), l.mod_revision).await?;
+            reg.delete_subnet_if(&l.key.to_string(), l.mod_revision)
+                .await?;
         }
         let choice = choice?;
         let name = SubnetKey::v4(choice.subnet()).to_string();
@@ -145,11 +153,13 @@ pub async fn acquire(reg: &Registry, spec: &LeaseSpec) -> Result<Lease, ManagerE
             }
             Choice::Previous(n) => {
                 info!(subnet = %n, "found previously leased subnet, reusing");
-                reg.create_subnet(&name, &value, Some(spec.ttl_secs())).await?
+                reg.create_subnet(&name, &value, Some(spec.ttl_secs()))
+                    .await?
             }
             Choice::Fresh(n) => {
                 info!(subnet = %n, min = %spec.range.subnet_min, max = %spec.range.subnet_max, "picked a subnet");
-                reg.create_subnet(&name, &value, Some(spec.ttl_secs())).await?
+                reg.create_subnet(&name, &value, Some(spec.ttl_secs()))
+                    .await?
             }
         };
         match written {
@@ -234,20 +244,35 @@ impl Manager {
         if outcome.events.is_empty() {
             return true;
         }
-        self.tx.send(ManagerEvent::Peers(outcome.events)).await.is_ok()
+        self.tx
+            .send(ManagerEvent::Peers(outcome.events))
+            .await
+            .is_ok()
     }
 
     /// Lists everything and diffs it against the known peers. Returns the revision.
     async fn relist(&mut self) -> Result<Option<i64>, ManagerError> {
         let (raws, rev) = self.reg.list_subnets().await?;
-        self.seen = raws.iter().map(|r| (r.name.clone(), r.mod_revision)).collect();
+        self.seen = raws
+            .iter()
+            .map(|r| (r.name.clone(), r.mod_revision))
+            .collect();
         let own_name = self.own.lease.key.to_string();
         match raws.iter().find(|r| r.name == own_name) {
             Some(raw) => self.check_own_put(raw).await?,
             None => self.reacquire("our lease is gone").await?,
         }
         let outcome = self.peers.reset(&raws);
-        Ok(self.emit(outcome).await.then_some(rev))
+        if !self.emit(outcome).await {
+            return Ok(None);
+        }
+        let snapshot = self.peers.peers().cloned().collect();
+        Ok(self
+            .tx
+            .send(ManagerEvent::Snapshot(snapshot))
+            .await
+            .is_ok()
+            .then_some(rev))
     }
 
     /// Runs until the event receiver is dropped. Errors from etcd are retried here;
@@ -335,8 +360,8 @@ impl Manager {
     /// difference. Returns the new revision if it re-listed.
     async fn resync(&mut self) -> Result<Option<i64>, ManagerError> {
         let (keys, _) = self.reg.list_subnet_revisions().await?;
-        let same = keys.len() == self.seen.len()
-            && keys.iter().all(|(k, r)| self.seen.get(k) == Some(r));
+        let same =
+            keys.len() == self.seen.len() && keys.iter().all(|(k, r)| self.seen.get(k) == Some(r));
         if same {
             return Ok(None);
         }
@@ -411,7 +436,12 @@ impl Manager {
         let ttl = (!self.own.lease.is_reservation()).then(|| self.spec.ttl_secs());
         match self
             .reg
-            .swap_subnet(&name, self.own.lease.mod_revision, &self.spec.attrs.to_json(), ttl)
+            .swap_subnet(
+                &name,
+                self.own.lease.mod_revision,
+                &self.spec.attrs.to_json(),
+                ttl,
+            )
             .await?
         {
             Written::Ok {
@@ -448,7 +478,11 @@ impl Manager {
         let lease = loop {
             let r = match self
                 .reg
-                .create_subnet(&name, &self.spec.attrs.to_json(), Some(self.spec.ttl_secs()))
+                .create_subnet(
+                    &name,
+                    &self.spec.attrs.to_json(),
+                    Some(self.spec.ttl_secs()),
+                )
                 .await
             {
                 Ok(Written::Ok {

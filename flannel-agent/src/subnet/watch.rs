@@ -237,15 +237,26 @@ mod tests {
     #[test]
     fn add_change_remove() {
         let mut s = PeerSet::new(range(), Some("10.5.1.0/24".parse().unwrap()));
-        let o = s.reset(&[raw("10.5.1.0-24", "192.168.0.1", M1, 1), raw("10.5.2.0-24", "192.168.0.2", M1, 2)]);
+        let o = s.reset(&[
+            raw("10.5.1.0-24", "192.168.0.1", M1, 1),
+            raw("10.5.2.0-24", "192.168.0.2", M1, 2),
+        ]);
         assert_eq!(o.events.len(), 1, "own lease must be filtered");
-        assert!(matches!(&o.events[0], PeerEvent::Added(l) if l.subnet().to_string() == "10.5.2.0/24"));
+        assert!(
+            matches!(&o.events[0], PeerEvent::Added(l) if l.subnet().to_string() == "10.5.2.0/24")
+        );
 
         // Renewal: same attrs, new revision: no event.
-        assert!(s.put(&raw("10.5.2.0-24", "192.168.0.2", M1, 5)).events.is_empty());
+        assert!(
+            s.put(&raw("10.5.2.0-24", "192.168.0.2", M1, 5))
+                .events
+                .is_empty()
+        );
         // New MAC: a change.
         let o = s.put(&raw("10.5.2.0-24", "192.168.0.2", M2, 6));
-        assert!(matches!(&o.events[0], PeerEvent::Changed { new, .. } if new.attrs.public_ip.to_string() == "192.168.0.2"));
+        assert!(
+            matches!(&o.events[0], PeerEvent::Changed { new, .. } if new.attrs.public_ip.to_string() == "192.168.0.2")
+        );
         let o = s.delete("10.5.2.0-24");
         assert!(matches!(&o.events[0], PeerEvent::Removed(l) if l.mod_revision == 6));
         assert!(s.is_empty());
@@ -254,15 +265,33 @@ mod tests {
     #[test]
     fn malformed_values_are_skipped_and_never_disturb_others() {
         let mut s = PeerSet::new(range(), None);
-        s.reset(&[raw("10.5.2.0-24", "192.168.0.2", M1, 1), raw("10.5.3.0-24", "192.168.0.3", M1, 1)]);
+        s.reset(&[
+            raw("10.5.2.0-24", "192.168.0.2", M1, 1),
+            raw("10.5.3.0-24", "192.168.0.3", M1, 1),
+        ]);
         let bad = [
-            RawLease { name: "10.5.4.0-24".into(), value: b"{not json".to_vec(), etcd_lease: 1, mod_revision: 2 },
-            RawLease { name: "garbage".into(), value: b"{}".to_vec(), etcd_lease: 1, mod_revision: 2 },
+            RawLease {
+                name: "10.5.4.0-24".into(),
+                value: b"{not json".to_vec(),
+                etcd_lease: 1,
+                mod_revision: 2,
+            },
+            RawLease {
+                name: "garbage".into(),
+                value: b"{}".to_vec(),
+                etcd_lease: 1,
+                mod_revision: 2,
+            },
             raw("10.6.0.0-24", "192.168.0.9", M1, 2),
             raw("10.5.4.0-25", "192.168.0.9", M1, 2),
             raw("10.5.4.0-24", "0.0.0.0", M1, 2),
             // A corrupted write to a known peer keeps its last valid state.
-            RawLease { name: "10.5.2.0-24".into(), value: b"[]".to_vec(), etcd_lease: 1, mod_revision: 3 },
+            RawLease {
+                name: "10.5.2.0-24".into(),
+                value: b"[]".to_vec(),
+                etcd_lease: 1,
+                mod_revision: 3,
+            },
         ];
         for b in &bad {
             let o = s.put(b);
@@ -281,8 +310,14 @@ mod tests {
     #[test]
     fn reset_diffs_against_known() {
         let mut s = PeerSet::new(range(), None);
-        s.reset(&[raw("10.5.2.0-24", "192.168.0.2", M1, 1), raw("10.5.3.0-24", "192.168.0.3", M1, 1)]);
-        let o = s.reset(&[raw("10.5.3.0-24", "192.168.0.3", M2, 9), raw("10.5.4.0-24", "192.168.0.4", M1, 9)]);
+        s.reset(&[
+            raw("10.5.2.0-24", "192.168.0.2", M1, 1),
+            raw("10.5.3.0-24", "192.168.0.3", M1, 1),
+        ]);
+        let o = s.reset(&[
+            raw("10.5.3.0-24", "192.168.0.3", M2, 9),
+            raw("10.5.4.0-24", "192.168.0.4", M1, 9),
+        ]);
         let kinds: Vec<_> = o
             .events
             .iter()
