@@ -285,6 +285,8 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
             format!("--etcd-endpoints={endpoint}"),
             "--iface=eth0".to_owned(),
             format!("--subnet-file={}", hdir.join("subnet.env").display()),
+            // Keep the VTEP MAC state inside the run's temp dir, not in /var/lib.
+            format!("--state-dir={}", hdir.join("state").display()),
             "--healthz-ip=127.0.0.1".to_owned(),
             format!("--healthz-port={HEALTHZ_PORT}"),
         ]);
