@@ -620,13 +620,15 @@ impl Etcd {
             .arg("--unsafe-no-fsync");
         if let Some(tls) = &opts.tls {
             cmd.arg(format!("--cert-file={}", tls.cert_file.display()))
-                .arg(format!("--key-file={}", tls.key_file.display()))
-                .arg(format!(
+                .arg(format!("--key-file={}", tls.key_file.display()));
+            // etcd 3.4 demands client certificates whenever it has a trusted CA, so a
+            // server-only TLS etcd gets none (etcdctl still verifies with `--cacert`).
+            if tls.client_cert_auth {
+                cmd.arg(format!(
                     "--trusted-ca-file={}",
                     tls.trusted_ca_file.display()
-                ));
-            if tls.client_cert_auth {
-                cmd.arg("--client-cert-auth");
+                ))
+                .arg("--client-cert-auth");
             }
         }
         cmd.args(&opts.extra_args);

@@ -13,7 +13,7 @@ use std::{
 use flannel_agent::subnet::etcd::{EtcdError, EtcdOptions, Registry, Written};
 use flannel_tests::{
     Child, Etcd, EtcdOptions as EtcdFixture, EtcdTls, NetNs, free_port, require_binary,
-    require_root, run, run_ok, wait_until,
+    require_root, run_ok, wait_until,
 };
 use tempfile::TempDir;
 
@@ -239,108 +239,18 @@ impl Pki {
     }
 }
 
-/// What the helpers below need from an etcd: its endpoint and an etcdctl for it.
-trait Ctl {
-    fn endpoint(&self) -> String;
-    fn etcdctl_command(&self) -> Command;
-
-    fn etcdctl(&self, args: &[&str]) -> std::process::Output {
-        run(self.etcdctl_command().args(args))
-    }
-
-    fn etcdctl_ok(&self, args: &[&str]) -> String {
-        run_ok(self.etcdctl_command().args(args))
-    }
-}
-
-impl Ctl for Etcd {
-    fn endpoint(&self) -> String {
-        Etcd::endpoint(self)
-    }
-    fn etcdctl_command(&self) -> Command {
-        Etcd::etcdctl_command(self)
-    }
-}
-
-/// etcd with server-only TLS: `--cert-file` and `--key-file` but no `--trusted-ca-file`,
-/// so clients need no certificate. On a free loopback port; killed on drop.
-struct ServerTlsEtcd {
-    // Dropped (killed) before the directory is removed.
-    child: Child,
-    endpoint: String,
-    cacert: PathBuf,
-    _dir: TempDir,
-}
-
-impl ServerTlsEtcd {
-    fn start(pki: &Pki) -> ServerTlsEtcd {
-        let mut last = String::new();
-        // A free port can be taken between its release and etcd's bind: retry.
-        for _ in 0..3 {
-            match Self::try_start(pki) {
-                Ok(etcd) => return etcd,
-                Err(e) => last = e,
-            }
-        }
-        panic!("server-only TLS etcd did not start: {last}");
-    }
-
-    fn try_start(pki: &Pki) -> Result<ServerTlsEtcd, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("fltest-etcd-tls-")
-            .tempdir()
-            .map_err(|e| format!("create etcd dir: {e}"))?;
-        let client_url = format!("https://127.0.0.1:{}", free_port());
-        let peer_url = format!("http://127.0.0.1:{}", free_port());
-        let mut cmd = Command::new("etcd");
-        cmd.arg("--name=fltest")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=fltest={peer_url}"))
-            .arg("--initial-cluster-state=new")
-            .arg("--unsafe-no-fsync")
-            .arg(format!("--cert-file={}", pki.server.cert.display()))
-            .arg(format!("--key-file={}", pki.server.key.display()));
-        let child = Child::spawn_logged("etcd", cmd, &dir.path().join("etcd.log"));
-        let mut etcd = ServerTlsEtcd {
-            child,
-            endpoint: client_url,
-            cacert: pki.ca.cert.clone(),
-            _dir: dir,
-        };
-        let healthy = wait_until(Duration::from_secs(20), || {
-            if etcd.child.try_wait().is_some() {
-                return Some(false);
-            }
-            let out = etcd
-                .etcdctl_command()
-                .args(["endpoint", "health", "--command-timeout=2s"])
-                .output()
-                .ok()?;
-            out.status.success().then_some(true)
-        });
-        if healthy == Some(true) {
-            Ok(etcd)
-        } else {
-            Err(format!("etcd not healthy; log:\n{}", etcd.child.log()))
-        }
-    }
-}
-
-impl Ctl for ServerTlsEtcd {
-    fn endpoint(&self) -> String {
-        self.endpoint.clone()
-    }
-    fn etcdctl_command(&self) -> Command {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint))
-            .arg(format!("--cacert={}", self.cacert.display()));
-        cmd
-    }
+/// etcd with server-only TLS: clients need no certificate, only the CA to verify it.
+fn server_tls_etcd(pki: &Pki) -> Etcd {
+    Etcd::start_with(EtcdFixture {
+        tls: Some(EtcdTls {
+            cert_file: pki.server.cert.clone(),
+            key_file: pki.server.key.clone(),
+            trusted_ca_file: pki.ca.cert.clone(),
+            client_cert_auth: false,
+            client_cert: None,
+        }),
+        ..EtcdFixture::default()
+    })
 }
 
 fn opts(endpoint: &str) -> EtcdOptions {
@@ -395,7 +305,7 @@ async fn connect_ok(o: &EtcdOptions) -> Registry {
 }
 
 /// The registry reads the config, writes a lease and sees it, as etcdctl does.
-async fn read_write(reg: &Registry, etcd: &impl Ctl, etcdctl_user: Option<&str>, name: &str) {
+async fn read_write(reg: &Registry, etcd: &Etcd, etcdctl_user: Option<&str>, name: &str) {
     let config = reg.get_config().await.expect("get_config");
     assert_eq!(config.as_deref(), Some(CONFIG.as_bytes()));
 
@@ -457,7 +367,7 @@ fn assert_no_password(what: &str, text: &str) {
 
 /// Turns on etcd authentication with a `root` user (over TLS, with the fixture's CA), and
 /// writes the network config as root.
-fn enable_auth(etcd: &impl Ctl) {
+fn enable_auth(etcd: &Etcd) {
     etcd.etcdctl_ok(&[
         "user",
         "add",
@@ -577,7 +487,7 @@ async fn server_tls_with_password_reads_and_writes() {
         return;
     }
     let pki = Pki::generate();
-    let etcd = ServerTlsEtcd::start(&pki);
+    let etcd = server_tls_etcd(&pki);
     enable_auth(&etcd);
 
     let o = EtcdOptions {
@@ -595,7 +505,7 @@ async fn wrong_password_fails_naming_authentication() {
         return;
     }
     let pki = Pki::generate();
-    let etcd = ServerTlsEtcd::start(&pki);
+    let etcd = server_tls_etcd(&pki);
     enable_auth(&etcd);
 
     let o = EtcdOptions {
@@ -635,7 +545,7 @@ async fn no_username_is_refused_by_etcd() {
         return;
     }
     let pki = Pki::generate();
-    let etcd = ServerTlsEtcd::start(&pki);
+    let etcd = server_tls_etcd(&pki);
     enable_auth(&etcd);
 
     // TLS alone is not enough once etcd auth is on: the probe in connect must fail, so
@@ -694,7 +604,7 @@ async fn http_endpoint_with_tls_files_is_refused() {
     }
 
     // One https endpoint does not make a mixed list acceptable either.
-    let tls = ServerTlsEtcd::start(&pki);
+    let tls = server_tls_etcd(&pki);
     let o = EtcdOptions {
         endpoints: vec![tls.endpoint(), plain.endpoint()],
         ..with_ca(&tls.endpoint(), &pki.ca)
@@ -710,7 +620,7 @@ async fn https_endpoint_without_cafile_is_refused() {
         return;
     }
     let pki = Pki::generate();
-    let etcd = ServerTlsEtcd::start(&pki);
+    let etcd = server_tls_etcd(&pki);
     let e = connect_err(&opts(&etcd.endpoint())).await;
     assert!(matches!(e, EtcdError::TlsSettings(_)), "{e:?}");
     let msg = e.to_string();
