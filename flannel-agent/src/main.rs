@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use flannel_agent::{
     cli::{self, Command},
     daemon,
-    host::docker_opts::{self, DockerOptsArgs},
+    host::{
+        self,
+        docker_opts::{self, DockerOptsArgs},
+    },
     logging,
 };
 
@@ -30,9 +33,9 @@ fn main() -> ExitCode {
         Command::MkDockerOpts(args) => DockerOptsArgs::parse_args(&args)
             .and_then(|a| docker_opts::run(&a))
             .map_err(anyhow::Error::from),
-        Command::Status(_) => Err(anyhow::anyhow!(
-            "flanneld status is not available yet: it arrives with the eBPF dataplane"
-        )),
+        Command::Status(args) => host::status::run_client(&args)
+            .map(|report| print!("{report}"))
+            .map_err(anyhow::Error::from),
         Command::Run(flags) => {
             if let Err(e) = logging::init(&flags.log) {
                 eprintln!("flanneld: {e}");

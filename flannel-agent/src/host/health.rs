@@ -1,4 +1,7 @@
-//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flannel's bodies.
+//! `/healthz` and `/readyz` on `--healthz-ip:--healthz-port`, with flannel's bodies,
+//! plus `/metrics` (Prometheus) and `/status` (JSON, what `flanneld status` prints). The
+//! same handler also serves a root-only local socket, so `flanneld status` works when
+//! the health port is disabled (flannel's default).
 //!
 //! Two fixed answers do not need an HTTP stack: this is a minimal HTTP/1.x responder on a
 //! tokio `TcpListener`. Every connection gets one response and is closed. Probes come from
@@ -18,10 +21,12 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, UnixListener},
     sync::Semaphore,
 };
+
+use super::status::Status;
 
 /// Largest request head we read; a probe's is under 200 bytes.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -41,6 +46,11 @@ pub const NOT_READY_BODY: &str = "flanneld is not ready yet";
 pub enum HealthError {
     #[error("cannot listen for health checks on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on the status socket {path}: {source}")]
+    BindUnix {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
 }
 
 /// State the health endpoints report. Shared between the daemon, which flips it, and the
@@ -48,6 +58,7 @@ pub enum HealthError {
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    status: std::sync::RwLock<Status>,
 }
 
 impl Health {
@@ -62,6 +73,26 @@ impl Health {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new status snapshot for `/status` and `/metrics`.
+    pub fn set_status(&self, status: Status) {
+        // A poisoned lock only means a writer panicked mid-assignment of plain data.
+        *self
+            .status
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+    }
+
+    /// The current snapshot, with the ready flag filled in.
+    pub fn status(&self) -> Status {
+        let mut s = self
+            .status
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        s.ready = self.is_ready();
+        s
     }
 }
 
@@ -149,7 +180,63 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle(mut stream: TcpStream, health: &Health) -> io::Result<()> {
+/// Serves the same endpoints on a Unix socket at `path` (mode 0600: counters and the
+/// node's lease are for root), replacing a stale socket file, until `shutdown`.
+pub async fn serve_unix(
+    path: &std::path::Path,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), HealthError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bind_err = |source| HealthError::BindUnix {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let health = Arc::clone(&health);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(CLIENT_TIMEOUT, handle(stream, &health)).await;
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot accept status connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    health: &Health,
+) -> io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let head_complete = loop {
@@ -196,25 +283,38 @@ async fn handle(mut stream: TcpStream, health: &Health) -> io::Result<()> {
 struct Response {
     status: u16,
     reason: &'static str,
-    body: &'static str,
+    content_type: &'static str,
+    body: std::borrow::Cow<'static, str>,
     send_body: bool,
 }
 
 impl Response {
-    fn new(status: u16, reason: &'static str, body: &'static str, send_body: bool) -> Self {
+    fn new(
+        status: u16,
+        reason: &'static str,
+        body: impl Into<std::borrow::Cow<'static, str>>,
+        send_body: bool,
+    ) -> Self {
         Self {
             status,
             reason,
-            body,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
             send_body,
         }
     }
 
+    fn typed(mut self, content_type: &'static str) -> Self {
+        self.content_type = content_type;
+        self
+    }
+
     fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.status,
             self.reason,
+            self.content_type,
             self.body.len()
         )
         .into_bytes();
@@ -244,13 +344,21 @@ fn respond(head: &[u8], health: &Health) -> Response {
         "/healthz" => Response::new(200, "OK", HEALTHZ_BODY, send_body),
         "/readyz" if health.is_ready() => Response::new(200, "OK", READY_BODY, send_body),
         "/readyz" => Response::new(503, "Service Unavailable", NOT_READY_BODY, send_body),
+        "/metrics" => Response::new(200, "OK", health.status().prometheus(), send_body)
+            .typed("text/plain; version=0.0.4; charset=utf-8"),
+        "/status" => {
+            Response::new(200, "OK", health.status().to_json(), send_body).typed("application/json")
+        }
         _ => Response::new(404, "Not Found", "404 page not found", send_body),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::oneshot;
+    use tokio::{
+        net::{TcpStream, UnixStream},
+        sync::oneshot,
+    };
 
     use super::*;
 
@@ -295,6 +403,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn metrics_and_status_follow_the_published_snapshot() {
+        let (addr, health, _stop, _task) = start().await;
+        health.set_status(Status {
+            subnet: "10.5.1.0/24".into(),
+            dataplane: "kernel".into(),
+            ..Status::default()
+        });
+        health.set_ready(true);
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("subnet=\"10.5.1.0/24\""), "{body}");
+        assert!(body.contains("flannel_ready 1"), "{body}");
+        let (code, body) = get(addr, "/status").await;
+        assert_eq!(code, 200);
+        let st = Status::from_json(&body).unwrap();
+        assert_eq!(st.dataplane, "kernel");
+        assert!(st.ready);
+    }
+
+    #[tokio::test]
+    async fn unix_socket_serves_status_to_root_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/flanneld.sock");
+        // A stale socket file from a killed daemon is replaced.
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"stale").unwrap();
+        let health = Arc::new(Health::new());
+        health.set_status(Status {
+            subnet: "10.5.2.0/24".into(),
+            ..Status::default()
+        });
+        let (p, h) = (path.clone(), Arc::clone(&health));
+        tokio::spawn(async move { serve_unix(&p, h, std::future::pending()).await });
+        let mut stream = loop {
+            if let Ok(s) = UnixStream::connect(&path).await {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        stream
+            .write_all(b"GET /status HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        assert_eq!(Status::from_json(body).unwrap().subnet, "10.5.2.0/24");
+    }
+
+    #[tokio::test]
     async fn healthz_and_readyz() {
         let (addr, health, stop, task) = start().await;
         assert_eq!(get(addr, "/healthz").await, (200, HEALTHZ_BODY.to_owned()));
@@ -305,7 +466,6 @@ mod tests {
             get(addr, "/readyz?verbose=1").await,
             (200, READY_BODY.to_owned())
         );
-        assert_eq!(get(addr, "/metrics").await.0, 404);
         assert_eq!(get(addr, "/").await.0, 404);
 
         let head = request(addr, b"HEAD /healthz HTTP/1.0\r\n\r\n").await;

@@ -3,5 +3,6 @@
 pub mod docker_opts;
 pub mod health;
 pub mod notify;
+pub mod status;
 pub mod subnet_env;
 pub mod trafficmngr;
