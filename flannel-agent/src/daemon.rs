@@ -1,8 +1,9 @@
 //! The flanneld daemon: flannel's start-up sequence, without its 685-line main.
 //!
 //! health server → etcd → network config (retried every second while missing or
-//! invalid) → external interface → backend lease attributes → lease → traffic rules →
-//! subnet.env → READY → watch peers and keep the lease, until SIGTERM/SIGINT.
+//! invalid) → external interface → backend (validated, VTEP MAC loaded) → lease →
+//! backend device with our address → traffic rules → subnet.env → READY → peer events
+//! into the backend and keep the lease, until SIGTERM/SIGINT.
 //!
 //! On SIGTERM/SIGINT it exits 0 and leaves everything in place (the lease in etcd,
 //! subnet.env, rules, dataplane state), so a restart adopts them.
@@ -14,19 +15,19 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
+    backend::{self, Backend, BackendError, Blackhole},
     cli::Flags,
-    config::{BackendConfig, ConfigError, NetworkConfig, parse_config},
+    config::{ConfigError, NetworkConfig, parse_config},
     host::{
         health::{Health, HealthError, HealthServer},
         notify,
         subnet_env::{self, SubnetEnv, SubnetEnvError},
         trafficmngr::{TrafficError, TrafficManager},
     },
-    iface::{self, ExternalInterface, IfaceError},
-    netlink::{Netlink, NetlinkError},
-    state::{self, StateError},
+    iface::{self, IfaceError},
+    netlink::{LinkEvent, LinkMonitor, Netlink, NetlinkError},
     subnet::{
-        BackendAttrs, LEASE_TTL_SECS, Lease, LeaseAttrs, PeerEvent, VxlanAttrs, alloc,
+        BackendAttrs, LEASE_TTL_SECS, Lease, LeaseAttrs, PeerEvent, alloc,
         etcd::{EtcdError, EtcdOptions, Registry},
         manager::{self, LeaseSpec, Manager, ManagerError, ManagerEvent},
     },
@@ -49,23 +50,13 @@ pub enum DaemonError {
     #[error(transparent)]
     Traffic(#[from] TrafficError),
     #[error(transparent)]
-    State(#[from] StateError),
+    Backend(#[from] BackendError),
     #[error(transparent)]
     Health(#[from] HealthError),
-    #[error(
-        "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend"
-    )]
-    HostGwNat,
     #[error("the lease manager task failed: {0}")]
     Task(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
-}
-
-/// What the backend contributes before the lease exists.
-struct BackendPlan {
-    attrs: BackendAttrs,
-    mtu: u32,
 }
 
 /// Runs flanneld until SIGTERM or SIGINT (exit 0) or a fatal error.
@@ -136,45 +127,6 @@ async fn fetch_config(reg: &Registry) -> NetworkConfig {
         warn!(error = %err, key = %format!("{}/config", reg.prefix()), "couldn't fetch network config, retrying in 1s");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-fn backend_plan(
-    cfg: &NetworkConfig,
-    ext: &ExternalInterface,
-    state_dir: &std::path::Path,
-) -> Result<BackendPlan, DaemonError> {
-    use flannel_common::consts::{UDP_OVERHEAD, VXLAN_OVERHEAD};
-    Ok(match &cfg.backend {
-        BackendConfig::Vxlan(v) => {
-            let device = format!("flannel.{}", v.vni);
-            let vtep_mac = state::load_or_create_vtep_mac(state_dir, &device)?;
-            let underlay = v.mtu.unwrap_or(ext.mtu);
-            BackendPlan {
-                attrs: BackendAttrs::Vxlan(VxlanAttrs {
-                    vni: v.vni,
-                    vtep_mac,
-                }),
-                mtu: underlay.saturating_sub(VXLAN_OVERHEAD),
-            }
-        }
-        BackendConfig::Udp(_) => BackendPlan {
-            attrs: BackendAttrs::None,
-            mtu: ext.mtu.saturating_sub(UDP_OVERHEAD),
-        },
-        BackendConfig::HostGw => {
-            if ext.public_ip != ext.iface_addr {
-                return Err(DaemonError::HostGwNat);
-            }
-            BackendPlan {
-                attrs: BackendAttrs::HostGw,
-                mtu: ext.mtu,
-            }
-        }
-        BackendConfig::Alloc => BackendPlan {
-            attrs: BackendAttrs::None,
-            mtu: ext.mtu,
-        },
-    })
 }
 
 /// Acquires the lease, retrying transient etcd errors; allocation errors are fatal.
@@ -267,7 +219,13 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
         iface::find_external_interface(&netlink, &iface::IfaceOptions::from_flags(flags)).await?;
     info!(iface = %ext.name, iface_addr = %ext.iface_addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
 
-    let plan = backend_plan(&cfg, &ext, &flags.state_dir)?;
+    let mut backend = Backend::new(
+        &cfg.backend,
+        range.network,
+        &ext,
+        &flags.state_dir,
+        flags.dataplane,
+    )?;
     let previous = match subnet_env::read_previous(&flags.subnet_file) {
         Ok(p) => p,
         Err(e) => {
@@ -289,7 +247,7 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
         attrs: LeaseAttrs {
             public_ip: ext.public_ip,
             public_ipv6: None,
-            backend: plan.attrs,
+            backend: backend.lease_attrs(),
         },
         previous: previous_subnet,
         ttl: Duration::from_secs(LEASE_TTL_SECS as u64),
@@ -298,6 +256,22 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
     let lease = acquire(&reg, &spec).await?;
     info!(subnet = %lease.subnet(), reservation = lease.is_reservation(), "acquired lease");
 
+    // Subscribed before the device exists, so no deletion can slip between the two.
+    let mut links = if backend.watches_links() {
+        Some(LinkMonitor::new()?)
+    } else {
+        None
+    };
+    backend.setup(&netlink, lease.subnet()).await?;
+    let mut blackhole = if flags.ip_blackhole_route {
+        let b = Blackhole::new(lease.subnet());
+        b.ensure(&netlink).await?;
+        info!(subnet = %lease.subnet(), "added the blackhole route for our subnet");
+        Some(b)
+    } else {
+        None
+    };
+
     let traffic = Arc::new(TrafficManager::new(cfg.enable_nftables).await?);
     if let Err(e) = traffic.cleanup_other().await {
         warn!(error = %e, "cannot remove the other firewall mode's flannel rules");
@@ -305,7 +279,7 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
     let mut host = HostSetup {
         flags,
         network: range.network,
-        mtu: plan.mtu,
+        mtu: backend.mtu(),
         traffic,
         previous,
     };
@@ -328,18 +302,55 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
     }
     info!(subnet = %own_subnet, "flanneld is ready");
 
+    let mut check = interval_after(backend::CHECK_PERIOD);
+    let mut blackhole_check = interval_after(Duration::from_secs(flags.iptables_resync.max(1)));
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some(ManagerEvent::Peers(evs)) => evs.iter().for_each(log_peer),
-                Some(ManagerEvent::Snapshot(peers)) => info!(peers = peers.len(), "peer set resynchronised"),
+                Some(ManagerEvent::Peers(evs)) => {
+                    evs.iter().for_each(log_peer);
+                    if let Err(e) = backend.peers(&netlink, &evs).await {
+                        warn!(error = %e, "applying peer changes failed");
+                    }
+                }
+                Some(ManagerEvent::Snapshot(peers)) => {
+                    info!(peers = peers.len(), "peer set resynchronised");
+                    if let Err(e) = backend.snapshot(&netlink, &peers).await {
+                        warn!(error = %e, "reconciling with the peer set failed");
+                    }
+                }
                 Some(ManagerEvent::OwnLease(l)) => {
+                    if let Err(e) = backend.own_lease(&netlink, l.subnet()).await {
+                        error!(error = %e, "updating the backend for our new lease failed");
+                    }
+                    if let Some(b) = &mut blackhole
+                        && let Err(e) = b.move_to(&netlink, l.subnet()).await
+                    {
+                        warn!(error = %e, "moving the blackhole route failed");
+                    }
                     if let Err(e) = host.apply(l.subnet()).await {
                         error!(error = %e, "updating the host for our new lease failed");
                     }
                 }
                 None => break,
             },
+            ev = next_link_event(&mut links) => {
+                if let Err(e) = backend.link_event(&netlink, &ev).await {
+                    warn!(error = %e, "restoring the backend device failed, retrying at the next check");
+                }
+            }
+            _ = check.tick() => {
+                if let Err(e) = backend.check(&netlink).await {
+                    warn!(error = %e, "periodic backend check failed");
+                }
+            }
+            _ = blackhole_check.tick(), if blackhole.is_some() => {
+                if let Some(b) = &blackhole
+                    && let Err(e) = b.ensure(&netlink).await
+                {
+                    warn!(error = %e, "re-adding the blackhole route failed");
+                }
+            }
             r = &mut mgr_task => {
                 resync.abort();
                 return match r {
@@ -351,4 +362,25 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// A tokio interval whose first tick is one period from now, and which does not burst
+/// after a stall.
+fn interval_after(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// The next link notification; pending forever without a monitor. A monitor whose
+/// connection ended is dropped (the periodic check still covers the device).
+async fn next_link_event(links: &mut Option<LinkMonitor>) -> LinkEvent {
+    if let Some(m) = links {
+        if let Some(ev) = m.next().await {
+            return ev;
+        }
+        warn!("link notifications ended; relying on the periodic check");
+        *links = None;
+    }
+    std::future::pending().await
 }

@@ -8,6 +8,7 @@
 //! - [`host`]: subnet.env, mk-docker-opts, iptables/nftables rules, health, sd_notify;
 //! - [`daemon`]: the wiring that runs all of the above.
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -2,28 +2,42 @@
 //! [`Netlink`], which speaks in domain types ([`Link`], [`Addr`], [`RouteGet`]) and returns
 //! [`NetlinkError`] with the kernel's errno already classified.
 //!
-//! Conventions for the verbs (the vxlan device, routes, neighbours and FDB entries join
-//! them later):
+//! Conventions for the verbs (links, addresses, the vxlan device, routes, neighbours and
+//! FDB entries):
 //! - queries return `Option` for "absent" (ENODEV/ENOENT) instead of an error;
 //! - changes use replace semantics (`NLM_F_REPLACE`), so a restart converges on the state
 //!   it finds instead of failing with EEXIST;
-//! - deletes succeed when the object is already gone.
+//! - deletes succeed when the object is already gone;
+//! - no policy: which entries should exist is decided by `backend`, this module only
+//!   translates between domain types ([`Route`], [`Neigh`], [`FdbEntry`], [`VxlanSpec`])
+//!   and netlink messages.
 //!
 //! A netlink socket belongs to the network namespace of the thread that creates it, so
 //! [`Netlink::new`] binds to the caller's namespace for its whole life.
 
-use std::{io, net::Ipv4Addr};
+use std::{
+    fmt, io,
+    net::{IpAddr, Ipv4Addr},
+};
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
+use ipnet::Ipv4Net;
 use rtnetlink::{
-    Handle,
+    Handle, LinkUnspec, LinkVxlan,
     packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope},
-        link::{LinkAttribute, LinkFlags, LinkMessage},
-        route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
+        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+        },
+        route::{
+            RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+            RouteScope, RouteType,
+        },
     },
+    sys::{AsyncSocket as _, SocketAddr},
 };
 use tokio::task::JoinHandle;
 
@@ -415,6 +429,710 @@ fn route_get_from_message(msg: &RouteMessage) -> Option<RouteGet> {
         ifindex: ifindex?,
         prefsrc,
         gateway,
+    })
+}
+
+/// How a vxlan device should be created (`ip link add NAME type vxlan ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    /// UDP destination port (`dstport`).
+    pub port: u16,
+    /// Outer source address (`local`).
+    pub local: Ipv4Addr,
+    /// The underlay device (`dev`).
+    pub dev: IfIndex,
+    pub learning: bool,
+    pub gbp: bool,
+    pub mtu: u32,
+    /// Set at creation, so the device never comes up with a kernel-chosen MAC.
+    pub mac: MacAddr,
+}
+
+/// The kind-specific attributes of an existing link, for compatibility checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    Vxlan(VxlanInfo),
+    /// Any other kind, by its `IFLA_INFO_KIND` name ("veth", "bridge", ...).
+    Other(String),
+    /// No `IFLA_LINKINFO` (physical devices, loopback).
+    Unknown,
+}
+
+/// What the kernel reports about a vxlan link (`ip -d link show`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub vni: Option<u32>,
+    pub dev: Option<IfIndex>,
+    pub local: Option<Ipv4Addr>,
+    pub group: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+    pub learning: bool,
+    pub gbp: bool,
+    pub l2miss: bool,
+}
+
+/// An IPv4 route in the main table, as flanneld installs and reconciles them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    pub kind: RouteKind,
+    /// `metric`; flanneld's own routes use 0.
+    pub metric: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    /// `<dst> via <gateway> dev <dev> [onlink]`; `gateway` is `None` for a connected
+    /// route (`<dst> dev <dev>`).
+    Unicast {
+        gateway: Option<Ipv4Addr>,
+        dev: IfIndex,
+        onlink: bool,
+    },
+    /// `blackhole <dst>`.
+    Blackhole,
+    /// Any other type (unreachable, prohibit, local, ...): never installed by flanneld.
+    Other,
+}
+
+impl Route {
+    /// `<dst> via <gateway> dev <dev>`, with `onlink` when asked.
+    pub fn via(dst: Ipv4Net, gateway: Ipv4Addr, dev: IfIndex, onlink: bool) -> Self {
+        Self {
+            dst,
+            kind: RouteKind::Unicast {
+                gateway: Some(gateway),
+                dev,
+                onlink,
+            },
+            metric: 0,
+        }
+    }
+
+    pub fn blackhole(dst: Ipv4Net) -> Self {
+        Self {
+            dst,
+            kind: RouteKind::Blackhole,
+            metric: 0,
+        }
+    }
+
+    /// The output device, for unicast routes.
+    pub fn dev(&self) -> Option<IfIndex> {
+        match self.kind {
+            RouteKind::Unicast { dev, .. } => Some(dev),
+            _ => None,
+        }
+    }
+
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        match self.kind {
+            RouteKind::Unicast { gateway, .. } => gateway,
+            _ => None,
+        }
+    }
+
+    /// What the kernel keys a main-table IPv4 route on: a replace with the same key
+    /// overwrites, so a differing route with this key needs no delete.
+    pub fn key(&self) -> (Ipv4Net, u32) {
+        (self.dst, self.metric)
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            RouteKind::Unicast {
+                gateway,
+                dev,
+                onlink,
+            } => {
+                write!(f, "{}", self.dst)?;
+                if let Some(gw) = gateway {
+                    write!(f, " via {gw}")?;
+                }
+                write!(f, " dev #{dev}")?;
+                if onlink {
+                    write!(f, " onlink")?;
+                }
+            }
+            RouteKind::Blackhole => write!(f, "blackhole {}", self.dst)?,
+            RouteKind::Other => write!(f, "{} (other type)", self.dst)?,
+        }
+        if self.metric != 0 {
+            write!(f, " metric {}", self.metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// An IPv4 neighbour (ARP) entry: `ip neigh ... <ip> lladdr <mac> dev <dev>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neigh {
+    pub dev: IfIndex,
+    pub ip: Ipv4Addr,
+    /// `None` for entries without a link-layer address (incomplete, failed).
+    pub mac: Option<MacAddr>,
+    /// `nud permanent`.
+    pub permanent: bool,
+}
+
+/// A vxlan forwarding entry: `bridge fdb ... <mac> dev <dev> self dst <dst>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FdbEntry {
+    pub dev: IfIndex,
+    pub mac: MacAddr,
+    /// The remote VTEP; `None` for entries without one.
+    pub dst: Option<Ipv4Addr>,
+    pub permanent: bool,
+}
+
+/// A change in the set of links, from [`LinkMonitor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// `RTM_NEWLINK`: created or changed.
+    Changed {
+        index: IfIndex,
+        name: Option<String>,
+    },
+    /// `RTM_DELLINK`.
+    Deleted {
+        index: IfIndex,
+        name: Option<String>,
+    },
+    /// The kernel dropped notifications (the socket buffer overflowed): the receiver must
+    /// re-check whatever it watches.
+    Overrun,
+}
+
+/// A subscription to link notifications (`RTNLGRP_LINK`), on its own socket.
+#[derive(Debug)]
+pub struct LinkMonitor {
+    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    connection: JoinHandle<()>,
+}
+
+impl Drop for LinkMonitor {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl LinkMonitor {
+    /// Subscribes in the caller's network namespace.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new() -> Result<Self, NetlinkError> {
+        const RTMGRP_LINK: u32 = 1;
+        let (mut connection, _, messages) =
+            rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, RTMGRP_LINK))
+            .map_err(NetlinkError::Socket)?;
+        Ok(Self {
+            messages,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// The next link event; `None` when the connection has ended.
+    pub async fn next(&mut self) -> Option<LinkEvent> {
+        loop {
+            let (msg, _) = self.messages.next().await?;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    return Some(LinkEvent::Changed {
+                        index: l.header.index,
+                        name: link_name(&l),
+                    });
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    return Some(LinkEvent::Deleted {
+                        index: l.header.index,
+                        name: link_name(&l),
+                    });
+                }
+                NetlinkPayload::Overrun(_) => return Some(LinkEvent::Overrun),
+                NetlinkPayload::Error(e) if e.raw_code().abs() == libc::ENOBUFS => {
+                    return Some(LinkEvent::Overrun);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn link_name(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+impl Netlink {
+    /// A link and its kind-specific attributes, or `None` when there is no such link.
+    pub async fn link_details(&self, name: &str) -> Result<Option<(Link, LinkKind)>, NetlinkError> {
+        const OP: &str = "get link details";
+        let messages: Result<Vec<LinkMessage>, _> = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute()
+            .try_collect()
+            .await;
+        let messages = match messages.map_err(|e| NetlinkError::from_rtnetlink(OP, e)) {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(messages
+            .iter()
+            .find_map(|m| Some((link_from_message(m)?, link_kind_from_message(m)))))
+    }
+
+    /// Creates a vxlan device, down, with its MAC and MTU already set. Fails with
+    /// [`NetlinkError::Exists`] when a link of that name exists.
+    pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), NetlinkError> {
+        const OP: &str = "create vxlan link";
+        let mut builder = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.dev)
+            .local(spec.local)
+            .port(spec.port)
+            .learning(spec.learning)
+            .mtu(spec.mtu)
+            .address(spec.mac.0.to_vec());
+        if spec.gbp {
+            builder = builder.append_info_data(InfoVxlan::Gbp(true));
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))
+    }
+
+    /// Deletes a link; succeeds when it is already gone.
+    pub async fn delete_link(&self, index: IfIndex) -> Result<(), NetlinkError> {
+        const OP: &str = "delete link";
+        ok_if_absent(
+            self.handle
+                .clone()
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnetlink(OP, e)),
+        )
+    }
+
+    /// Sets a link's MAC address.
+    pub async fn set_link_mac(&self, index: IfIndex, mac: MacAddr) -> Result<(), NetlinkError> {
+        const OP: &str = "set link address";
+        let msg = LinkUnspec::new_with_index(index)
+            .address(mac.0.to_vec())
+            .build();
+        self.set_link(OP, msg).await
+    }
+
+    /// Sets a link's MTU.
+    pub async fn set_link_mtu(&self, index: IfIndex, mtu: u32) -> Result<(), NetlinkError> {
+        const OP: &str = "set link mtu";
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.set_link(OP, msg).await
+    }
+
+    /// Brings a link up or down.
+    pub async fn set_link_up(&self, index: IfIndex, up: bool) -> Result<(), NetlinkError> {
+        const OP: &str = "set link state";
+        let b = LinkUnspec::new_with_index(index);
+        let msg = if up { b.up() } else { b.down() }.build();
+        self.set_link(OP, msg).await
+    }
+
+    async fn set_link(&self, op: &'static str, msg: LinkMessage) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(op, e))
+    }
+
+    /// `ip addr replace <ip>/<prefix_len> dev <index>`.
+    pub async fn replace_address(
+        &self,
+        index: IfIndex,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        const OP: &str = "add address";
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix_len)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))
+    }
+
+    /// `ip addr del <ip>/<prefix_len> dev <index>`; succeeds when it is already gone.
+    pub async fn delete_address(&self, addr: &Addr) -> Result<(), NetlinkError> {
+        const OP: &str = "delete address";
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.index = addr.ifindex;
+        msg.header.prefix_len = addr.prefix_len;
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(addr.ip)));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(addr.ip)));
+        ok_if_absent(
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnetlink(OP, e)),
+        )
+    }
+
+    /// `ip route replace ...` in the main table.
+    pub async fn replace_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        const OP: &str = "replace route";
+        let msg = route_message(route).ok_or(NetlinkError::Protocol {
+            op: OP,
+            detail: "cannot install a route of an unknown type".to_owned(),
+        })?;
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))
+    }
+
+    /// `ip route del ...` in the main table; succeeds when it is already gone.
+    pub async fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        const OP: &str = "delete route";
+        let Some(msg) = route_message(route) else {
+            return Ok(());
+        };
+        ok_if_absent(
+            self.handle
+                .route()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnetlink(OP, e)),
+        )
+    }
+
+    /// IPv4 routes of the main table whose destination lies inside `within`.
+    pub async fn routes_v4_within(&self, within: Ipv4Net) -> Result<Vec<Route>, NetlinkError> {
+        const OP: &str = "list routes";
+        let filter = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))?;
+        Ok(routes
+            .iter()
+            .filter_map(route_from_message)
+            .filter(|r| within.contains(&r.dst))
+            .collect())
+    }
+
+    /// `ip neigh replace <ip> lladdr <mac> dev <dev> nud permanent`.
+    pub async fn replace_neigh(
+        &self,
+        dev: IfIndex,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+    ) -> Result<(), NetlinkError> {
+        const OP: &str = "replace neighbour";
+        self.handle
+            .neighbours()
+            .add(dev, IpAddr::V4(ip))
+            .link_local_address(&mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))
+    }
+
+    /// `ip neigh del <ip> dev <dev>`; succeeds when it is already gone.
+    pub async fn delete_neigh(&self, dev: IfIndex, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        const OP: &str = "delete neighbour";
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = dev;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        ok_if_absent(
+            self.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnetlink(OP, e)),
+        )
+    }
+
+    /// IPv4 neighbour entries on `dev`.
+    pub async fn neighbours_v4(&self, dev: IfIndex) -> Result<Vec<Neigh>, NetlinkError> {
+        const OP: &str = "list neighbours";
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_family(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == dev)
+            .filter_map(neigh_from_message)
+            .collect())
+    }
+
+    /// `bridge fdb replace <mac> dev <dev> self dst <dst> permanent`.
+    pub async fn replace_fdb(
+        &self,
+        dev: IfIndex,
+        mac: MacAddr,
+        dst: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        const OP: &str = "replace fdb entry";
+        self.handle
+            .neighbours()
+            .add_bridge(dev, &mac.0)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))
+    }
+
+    /// `bridge fdb del <mac> dev <dev> self [dst <dst>]`: with `dst`, only that remote of
+    /// the entry; without, the whole entry. Succeeds when it is already gone.
+    pub async fn delete_fdb(
+        &self,
+        dev: IfIndex,
+        mac: MacAddr,
+        dst: Option<Ipv4Addr>,
+    ) -> Result<(), NetlinkError> {
+        const OP: &str = "delete fdb entry";
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = dev;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLocalAddress(mac.0.to_vec()));
+        if let Some(ip) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Other(
+                    ip.octets().to_vec(),
+                )));
+        }
+        ok_if_absent(
+            self.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| NetlinkError::from_rtnetlink(OP, e)),
+        )
+    }
+
+    /// The FDB entries of `dev` (a vxlan device's own table, `bridge fdb show dev`).
+    pub async fn fdb_entries(&self, dev: IfIndex) -> Result<Vec<FdbEntry>, NetlinkError> {
+        const OP: &str = "list fdb entries";
+        let mut req = self.handle.neighbours().get();
+        req.message_mut().header.family = AddressFamily::Bridge;
+        let msgs: Vec<NeighbourMessage> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink(OP, e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == dev)
+            .filter_map(fdb_from_message)
+            .collect())
+    }
+}
+
+fn ok_if_absent(r: Result<(), NetlinkError>) -> Result<(), NetlinkError> {
+    match r {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+fn link_kind_from_message(msg: &LinkMessage) -> LinkKind {
+    let Some(infos) = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(i) => Some(i),
+        _ => None,
+    }) else {
+        return LinkKind::Unknown;
+    };
+    let mut kind = None;
+    let mut vxlan = VxlanInfo::default();
+    for info in infos {
+        match info {
+            LinkInfo::Kind(k) => kind = Some(k.clone()),
+            LinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                for a in attrs {
+                    match a {
+                        InfoVxlan::Id(v) => vxlan.vni = Some(*v),
+                        InfoVxlan::Link(i) => vxlan.dev = Some(*i),
+                        InfoVxlan::Local(ip) => vxlan.local = Some(*ip),
+                        InfoVxlan::Group(ip) => vxlan.group = Some(*ip),
+                        InfoVxlan::Port(p) => vxlan.port = Some(*p),
+                        InfoVxlan::Learning(b) => vxlan.learning = *b,
+                        InfoVxlan::Gbp(b) => vxlan.gbp = *b,
+                        InfoVxlan::L2Miss(b) => vxlan.l2miss = *b,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    match kind {
+        Some(InfoKind::Vxlan) => LinkKind::Vxlan(vxlan),
+        Some(k) => LinkKind::Other(k.to_string()),
+        None => LinkKind::Unknown,
+    }
+}
+
+fn route_message(route: &Route) -> Option<RouteMessage> {
+    let b = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.dst.addr(), route.dst.prefix_len())
+        .protocol(RouteProtocol::Boot);
+    let b = if route.metric != 0 {
+        b.priority(route.metric)
+    } else {
+        b
+    };
+    Some(match route.kind {
+        RouteKind::Unicast {
+            gateway,
+            dev,
+            onlink,
+        } => {
+            let b = b.output_interface(dev);
+            let b = match gateway {
+                Some(gw) => b.gateway(gw),
+                None => b.scope(RouteScope::Link),
+            };
+            if onlink { b.onlink() } else { b }.build()
+        }
+        RouteKind::Blackhole => b.kind(RouteType::BlackHole).build(),
+        RouteKind::Other => return None,
+    })
+}
+
+/// A main-table IPv4 route; `None` for other tables and families.
+fn route_from_message(msg: &RouteMessage) -> Option<Route> {
+    if msg.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let mut table = u32::from(msg.header.table);
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut metric = 0;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Priority(p) => metric = *p,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    let dst = Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?;
+    let kind = match (msg.header.kind, oif) {
+        (RouteType::Unicast, Some(dev)) => RouteKind::Unicast {
+            gateway,
+            dev,
+            onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        },
+        (RouteType::BlackHole, _) => RouteKind::Blackhole,
+        _ => RouteKind::Other,
+    };
+    Some(Route { dst, kind, metric })
+}
+
+fn neigh_from_message(msg: &NeighbourMessage) -> Option<Neigh> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(*a),
+            NeighbourAttribute::LinkLocalAddress(b) => {
+                mac = <[u8; 6]>::try_from(b.as_slice()).ok().map(MacAddr);
+            }
+            _ => {}
+        }
+    }
+    Some(Neigh {
+        dev: msg.header.ifindex,
+        ip: ip?,
+        mac,
+        permanent: msg.header.state == NeighbourState::Permanent,
+    })
+}
+
+fn fdb_from_message(msg: &NeighbourMessage) -> Option<FdbEntry> {
+    if msg.header.family != AddressFamily::Bridge {
+        return None;
+    }
+    let mut mac = None;
+    let mut dst = None;
+    for attr in &msg.attributes {
+        match attr {
+            NeighbourAttribute::LinkLocalAddress(b) => {
+                mac = <[u8; 6]>::try_from(b.as_slice()).ok().map(MacAddr);
+            }
+            // AF_BRIDGE messages carry NDA_DST unparsed; an IPv4 remote is 4 bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from);
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+            _ => {}
+        }
+    }
+    Some(FdbEntry {
+        dev: msg.header.ifindex,
+        mac: mac?,
+        dst,
+        permanent: msg.header.state == NeighbourState::Permanent,
     })
 }
 

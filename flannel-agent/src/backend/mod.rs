@@ -1,0 +1,301 @@
+//! Backends: what a peer lease means on this host.
+//!
+//! One [`Backend`] enum, built by one `match` over the network config ([`Backend::new`]),
+//! no registry. Each backend is validated before anything touches the kernel
+//! (netavark's validate-then-apply): `new` checks the config, the interface and the
+//! `--dataplane` choice and loads the persistent VTEP MAC; only [`Backend::setup`]
+//! changes the kernel.
+//!
+//! After setup the daemon feeds it:
+//! - [`Backend::peers`]: incremental watch events, applied entry by entry;
+//! - [`Backend::snapshot`]: the full peer set after every full listing, reconciled
+//!   against a kernel dump ([`reconcile`]), which also removes peers that left while
+//!   flanneld was down;
+//! - [`Backend::own_lease`]: our subnet after a lost lease was re-acquired;
+//! - [`Backend::link_event`] and [`Backend::check`]: link notifications and a periodic
+//!   re-check (flannel's 10 s `routeCheck`), which recreate a deleted device and restore
+//!   deleted entries.
+//!
+//! Every kernel change goes through [`Netlink`]; this module never builds a netlink
+//! message.
+
+pub mod hostgw;
+pub mod reconcile;
+pub mod vxlan;
+
+use std::{path::Path, time::Duration};
+
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+
+use crate::{
+    cli::Dataplane,
+    config::BackendConfig,
+    iface::ExternalInterface,
+    netlink::{LinkEvent, Netlink, NetlinkError, Route},
+    state::StateError,
+    subnet::{BackendAttrs, Lease, PeerEvent},
+};
+use reconcile::Op;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "your PublicIP differs from interface IP, meaning that probably you're on a NAT, which is not supported by host-gw backend"
+    )]
+    HostGwNat,
+    #[error("{name} was created but the kernel does not list it")]
+    DeviceVanished { name: String },
+    #[error(
+        "--dataplane=ebpf: the eBPF fast path is not wired into flanneld yet; use --dataplane=kernel (or auto)"
+    )]
+    EbpfNotWired,
+    #[error("--dataplane=tun: the userspace TUN dataplane is not available yet")]
+    TunUnavailable,
+    #[error("{failed} of {total} kernel changes failed; they are retried at the next check")]
+    Partial { failed: usize, total: usize },
+}
+
+/// How often kernel state is re-checked against the desired state (flannel's host-gw
+/// `routeCheck` period, used for every backend).
+pub const CHECK_PERIOD: Duration = Duration::from_secs(10);
+
+/// The backend in use.
+pub enum Backend {
+    /// flannel's vxlan backend on the kernel's vxlan device.
+    Vxlan(vxlan::VxlanBackend),
+    /// flannel's host-gw backend: a route per peer via its PublicIP.
+    HostGw(hostgw::HostGwBackend),
+    /// A backend with a lease but no dataplane here (udp for now, alloc always).
+    Inert(Inert),
+}
+
+/// A backend that leases a subnet and programs nothing.
+pub struct Inert {
+    kind: InertKind,
+    mtu: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InertKind {
+    /// flannel's udp backend; its TUN dataplane comes later.
+    Udp,
+    /// flannel's alloc backend: lease only, by design.
+    Alloc,
+}
+
+impl Backend {
+    /// Validates the config for this host and builds the backend. Touches no kernel state.
+    pub fn new(
+        cfg: &BackendConfig,
+        network: Ipv4Net,
+        ext: &ExternalInterface,
+        state_dir: &Path,
+        dataplane: Dataplane,
+    ) -> Result<Self, BackendError> {
+        use flannel_common::consts::UDP_OVERHEAD;
+        match dataplane {
+            Dataplane::Auto | Dataplane::Kernel => {}
+            Dataplane::Ebpf => return Err(BackendError::EbpfNotWired),
+            Dataplane::Tun => return Err(BackendError::TunUnavailable),
+        }
+        Ok(match cfg {
+            BackendConfig::Vxlan(v) => {
+                Self::Vxlan(vxlan::VxlanBackend::new(v, ext, network, state_dir)?)
+            }
+            BackendConfig::HostGw => Self::HostGw(hostgw::HostGwBackend::new(ext, network)?),
+            BackendConfig::Udp(_) => Self::Inert(Inert {
+                kind: InertKind::Udp,
+                mtu: ext.mtu.saturating_sub(UDP_OVERHEAD),
+            }),
+            BackendConfig::Alloc => Self::Inert(Inert {
+                kind: InertKind::Alloc,
+                mtu: ext.mtu,
+            }),
+        })
+    }
+
+    /// What goes into our lease's `BackendType`/`BackendData`.
+    pub fn lease_attrs(&self) -> BackendAttrs {
+        match self {
+            Self::Vxlan(b) => b.lease_attrs(),
+            Self::HostGw(_) => BackendAttrs::HostGw,
+            Self::Inert(_) => BackendAttrs::None,
+        }
+    }
+
+    /// The MTU for containers (`FLANNEL_MTU`): the overlay device's MTU.
+    pub fn mtu(&self) -> u32 {
+        match self {
+            Self::Vxlan(b) => b.mtu(),
+            Self::HostGw(b) => b.mtu(),
+            Self::Inert(b) => b.mtu,
+        }
+    }
+
+    /// Whether link notifications matter ([`Backend::link_event`]).
+    pub fn watches_links(&self) -> bool {
+        matches!(self, Self::Vxlan(_))
+    }
+
+    /// Creates the backend's devices for our subnet. Peers come later, by events.
+    pub async fn setup(&mut self, nl: &Netlink, own: Ipv4Net) -> Result<(), BackendError> {
+        match self {
+            Self::Vxlan(b) => b.setup(nl, own).await,
+            Self::HostGw(_) => Ok(()),
+            Self::Inert(b) => {
+                match b.kind {
+                    InertKind::Udp => warn!(
+                        "the udp backend carries no traffic yet in this flanneld: the subnet is leased, but nothing forwards packets between hosts"
+                    ),
+                    InertKind::Alloc => info!("alloc backend: subnet lease only, no dataplane"),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Our lease changed (re-acquired, maybe another subnet).
+    pub async fn own_lease(&mut self, nl: &Netlink, own: Ipv4Net) -> Result<(), BackendError> {
+        match self {
+            Self::Vxlan(b) => b.own_lease(nl, own).await,
+            Self::HostGw(_) | Self::Inert(_) => Ok(()),
+        }
+    }
+
+    /// Incremental peer changes from the watch.
+    pub async fn peers(&mut self, nl: &Netlink, events: &[PeerEvent]) -> Result<(), BackendError> {
+        match self {
+            Self::Vxlan(b) => b.peers(nl, events).await,
+            Self::HostGw(b) => b.peers(nl, events).await,
+            Self::Inert(_) => Ok(()),
+        }
+    }
+
+    /// The complete peer set: reconcile the kernel against it.
+    pub async fn snapshot(&mut self, nl: &Netlink, peers: &[Lease]) -> Result<(), BackendError> {
+        match self {
+            Self::Vxlan(b) => b.snapshot(nl, peers).await,
+            Self::HostGw(b) => b.snapshot(nl, peers).await,
+            Self::Inert(_) => Ok(()),
+        }
+    }
+
+    /// A link notification (only when [`Backend::watches_links`]).
+    pub async fn link_event(&mut self, nl: &Netlink, ev: &LinkEvent) -> Result<(), BackendError> {
+        match self {
+            Self::Vxlan(b) => b.link_event(nl, ev).await,
+            Self::HostGw(_) | Self::Inert(_) => Ok(()),
+        }
+    }
+
+    /// The periodic re-check: restore what was deleted, remove what is stale.
+    pub async fn check(&mut self, nl: &Netlink) -> Result<(), BackendError> {
+        match self {
+            Self::Vxlan(b) => b.check(nl).await,
+            Self::HostGw(b) => b.check(nl).await,
+            Self::Inert(_) => Ok(()),
+        }
+    }
+}
+
+/// Why a batch of kernel changes is applied; decides how loudly installs are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// A peer event: installs are routine.
+    Event,
+    /// A full listing or a recreated device.
+    Sync,
+    /// The periodic check: an install means something removed our entry.
+    Check,
+}
+
+/// Applies `ops` in order. A failed change is logged and the rest still run; the count of
+/// failures comes back as [`BackendError::Partial`], and the caller's next check retries.
+pub(crate) async fn apply(nl: &Netlink, ops: &[Op], cause: Cause) -> Result<(), BackendError> {
+    let mut failed = 0;
+    for op in ops {
+        let r = match op {
+            Op::ReplaceNeigh(n) => match n.mac {
+                Some(mac) => nl.replace_neigh(n.dev, n.ip, mac).await,
+                None => Ok(()),
+            },
+            Op::ReplaceFdb(f) => match f.dst {
+                Some(dst) => nl.replace_fdb(f.dev, f.mac, dst).await,
+                None => Ok(()),
+            },
+            Op::ReplaceRoute(r) => nl.replace_route(r).await,
+            Op::DeleteRoute(r) => nl.delete_route(r).await,
+            Op::DeleteFdb(f) => nl.delete_fdb(f.dev, f.mac, f.dst).await,
+            Op::DeleteNeigh(n) => nl.delete_neigh(n.dev, n.ip).await,
+        };
+        match r {
+            Ok(()) => log_op(op, cause),
+            Err(e) => {
+                failed += 1;
+                warn!(error = %e, op = ?op, "kernel change failed");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(BackendError::Partial {
+            failed,
+            total: ops.len(),
+        });
+    }
+    Ok(())
+}
+
+fn log_op(op: &Op, cause: Cause) {
+    match (op, cause) {
+        (Op::ReplaceRoute(r), Cause::Check) => info!(route = %r, "route recovered"),
+        (Op::ReplaceNeigh(n), Cause::Check) => {
+            info!(ip = %n.ip, dev = n.dev, "neighbour entry recovered");
+        }
+        (Op::ReplaceFdb(f), Cause::Check) => {
+            info!(mac = %f.mac, dev = f.dev, "fdb entry recovered");
+        }
+        (Op::DeleteRoute(r), Cause::Sync | Cause::Check) => {
+            info!(route = %r, "removed a route no peer wants");
+        }
+        (Op::DeleteFdb(f), Cause::Sync | Cause::Check) => {
+            info!(mac = %f.mac, dst = ?f.dst, dev = f.dev, "removed an fdb entry no peer wants");
+        }
+        (Op::DeleteNeigh(n), Cause::Sync | Cause::Check) => {
+            info!(ip = %n.ip, dev = n.dev, "removed a neighbour entry no peer wants");
+        }
+        _ => debug!(op = ?op, "applied"),
+    }
+}
+
+/// `--ip-blackhole-route`: `blackhole <own subnet>`, so traffic for our subnet's unused
+/// addresses is dropped here instead of following the default route. Re-added every
+/// `--iptables-resync` seconds, as flannel does.
+#[derive(Debug)]
+pub struct Blackhole {
+    subnet: Ipv4Net,
+}
+
+impl Blackhole {
+    pub fn new(subnet: Ipv4Net) -> Self {
+        Self { subnet }
+    }
+
+    /// Installs (or re-installs) the route; replace semantics.
+    pub async fn ensure(&self, nl: &Netlink) -> Result<(), NetlinkError> {
+        nl.replace_route(&Route::blackhole(self.subnet)).await
+    }
+
+    /// Moves the route to a new subnet.
+    pub async fn move_to(&mut self, nl: &Netlink, subnet: Ipv4Net) -> Result<(), NetlinkError> {
+        if subnet != self.subnet {
+            nl.delete_route(&Route::blackhole(self.subnet)).await?;
+            self.subnet = subnet;
+        }
+        self.ensure(nl).await
+    }
+}
