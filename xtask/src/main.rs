@@ -3,13 +3,15 @@
 //! - `setup`: install what a fresh Debian 12 machine lacks (as root);
 //! - `build-ebpf`: build the BPF object with Debian's rustc-web and bpf-linker;
 //! - `test`: build everything and run every test, the privileged ones included;
-//! - `smoke`: two flanneld "hosts" in network namespaces against one etcd.
+//! - `smoke`: two flanneld "hosts" in network namespaces against one etcd;
+//! - `bench`: iperf3 and qperf between two containers, per dataplane.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
     reason = "xtask is a command-line tool for developers: printing is its interface"
 )]
 
+mod bench;
 mod ebpf;
 mod setup;
 mod smoke;
@@ -39,6 +41,9 @@ enum Cmd {
     },
     /// Two flanneld hosts in network namespaces against one etcd (run as root).
     Smoke,
+    /// iperf3 and qperf between two containers for each dataplane, offloads on and off;
+    /// writes target/bench/report.md and results.json (run as root).
+    Bench(bench::BenchArgs),
     /// GET http://ADDR/PATH and print the body; exit 0 only on 200. Used by `smoke`
     /// inside a namespace, where no HTTP client may be installed.
     #[command(hide = true)]
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { cargo_args } => test::test(&cargo_args),
         Cmd::Smoke => smoke::smoke(),
+        Cmd::Bench(args) => bench::bench(&args),
         Cmd::HttpGet { addr, path } => util::http_get_cmd(&addr, &path),
     }
 }

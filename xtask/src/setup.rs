@@ -24,6 +24,8 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",
     "iputils-ping",
     "tcpdump",
+    // `cargo xtask bench` turns veth offloads (TSO, GSO, GRO) off with it.
+    "ethtool",
     // Certificates for the etcd TLS tests.
     "openssl",
     // The BPF toolchain: Debian's rustc 1.96 with prebuilt core for bpfel-unknown-none,

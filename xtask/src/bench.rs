@@ -1,0 +1,476 @@
+//! `cargo xtask bench`: throughput and latency between two containers, per dataplane.
+//!
+//! The topology is the smoke run's, plus a container behind each host:
+//!
+//! ```text
+//!   flbench-ul-PID   bridge br0 10.98.0.1/24, etcd on http://10.98.0.1:2379
+//!     ├── veth ── flbench-h1-PID  eth0 10.98.0.2/24, cni0 <subnet1>.1/24
+//!     │             └── veth ── flbench-c1-PID  eth0 <subnet1>.2, iperf3/qperf clients
+//!     └── veth ── flbench-h2-PID  eth0 10.98.0.3/24, cni0 <subnet2>.1/24
+//!                   └── veth ── flbench-c2-PID  eth0 <subnet2>.2, iperf3/qperf servers
+//! ```
+//!
+//! The underlay and etcd live for the whole run; hosts and containers are built afresh
+//! for every row, so no row inherits another's devices, routes, rules or sysctls. A row
+//! is measured only after a ping from c1 to c2 crosses and the row's own dataplane is
+//! seen carrying it; otherwise it is reported "unavailable" with the reason. Nothing
+//! asserts speed: this is a benchmark, not a test.
+
+mod measure;
+mod report;
+mod rows;
+mod topo;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    ebpf, setup,
+    util::{cargo, is_root, output, run, target_dir},
+};
+use measure::{Durations, Sample, Servers};
+use report::{Meta, Offloads, Report, RowResult, Status};
+use rows::Row;
+use topo::{Host, Underlay};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Short runs for checking the harness (about a minute): one repetition, iperf3 2 s,
+    /// qperf 1 s per test.
+    #[arg(long)]
+    quick: bool,
+    /// Rows to run, comma-separated (default: all), e.g. --rows native,kernel-vxlan.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    rows: Vec<Row>,
+    /// Veth offloads (TSO, GSO, GRO) on the path: on, off, or each in turn.
+    #[arg(long, value_enum, default_value_t = OffloadsArg::Both)]
+    offloads: OffloadsArg,
+    /// Also run qperf over message sizes 1 B to 64 KiB (-oo msg_size:1:64K:*2).
+    #[arg(long)]
+    sweep: bool,
+    /// Repetitions per row and offload setting; the tables show the median
+    /// [default: 3, or 1 with --quick].
+    #[arg(long)]
+    repeat: Option<u32>,
+    /// Where to write report.md and results.json [default: target/bench].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OffloadsArg {
+    On,
+    Off,
+    Both,
+}
+
+impl OffloadsArg {
+    fn modes(self) -> Vec<Offloads> {
+        match self {
+            OffloadsArg::On => vec![Offloads::On],
+            OffloadsArg::Off => vec![Offloads::Off],
+            OffloadsArg::Both => vec![Offloads::On, Offloads::Off],
+        }
+    }
+}
+
+/// Set by the Ctrl-C/SIGTERM handler; every wait checks it, so the guards unwind.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Polls `f` every 200 ms until it yields, `timeout` passes, or we are interrupted.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<Option<T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if interrupted() {
+            bail!("interrupted while waiting for {what}");
+        }
+        if let Some(v) = f() {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The settings of one run, resolved from the flags.
+struct Plan {
+    rows: Vec<Row>,
+    modes: Vec<Offloads>,
+    repeat: u32,
+    durations: Durations,
+    sweep: bool,
+    quick: bool,
+}
+
+impl Plan {
+    fn from_args(args: &BenchArgs) -> Plan {
+        let mut rows = if args.rows.is_empty() {
+            Row::ALL.to_vec()
+        } else {
+            args.rows.clone()
+        };
+        // Report order, once each, whatever order the flag gave.
+        rows.sort_by_key(|r| Row::ALL.iter().position(|a| a == r));
+        rows.dedup();
+        let durations = if args.quick {
+            Durations {
+                iperf3: 2,
+                iperf3_omit: 0,
+                qperf: 1,
+            }
+        } else {
+            Durations {
+                iperf3: 10,
+                iperf3_omit: 1,
+                qperf: 5,
+            }
+        };
+        Plan {
+            rows,
+            modes: args.offloads.modes(),
+            repeat: args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+            durations,
+            sweep: args.sweep,
+            quick: args.quick,
+        }
+    }
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the bench creates network namespaces and needs root: \
+             run it as root (e.g. sudo -E cargo xtask bench)"
+        );
+    }
+    let plan = Plan::from_args(args);
+    setup::setup()?;
+    ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst))
+        .context("install the Ctrl-C handler")?;
+    topo::clean_leftovers()?;
+    warn_if_busy();
+    let flanneld = build_flanneld(&plan.rows);
+    let xtask = std::env::current_exe().context("locate the xtask binary")?;
+    let dir = tempfile::Builder::new().prefix("flbench-").tempdir()?;
+    let meta_start = (date(), loadavg());
+
+    let results = {
+        let ul = Underlay::new(dir.path())?;
+        let ctx = rows::Ctx {
+            ul: &ul,
+            flanneld: &flanneld,
+            xtask: &xtask,
+            dir: dir.path(),
+        };
+        run_rows(&plan, &ctx)?
+    };
+
+    let report = Report {
+        meta: meta(&plan, meta_start),
+        results,
+    };
+    print!("{}", report.text());
+    write_outputs(&report, args.out.clone())
+}
+
+/// Warns when the machine is busy (a load average above half the CPUs): other work
+/// shares the CPUs with both ends of every measurement.
+fn warn_if_busy() {
+    let cpus = cpus();
+    let load: f64 = loadavg()
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0.0);
+    if load > cpus as f64 / 2.0 {
+        eprintln!(
+            "bench: warning: load average {load:.2} on {cpus} CPUs: other work is running, \
+             the figures will be noisy"
+        );
+    }
+}
+
+/// Builds flanneld (with the BPF object when an eBPF row is asked for and the toolchain
+/// is there). A failure only makes the flanneld rows unavailable.
+fn build_flanneld(rows: &[Row]) -> Result<PathBuf, String> {
+    if rows.iter().all(|r| r.flanneld().is_none()) {
+        return Err("not needed".to_owned());
+    }
+    if rows
+        .iter()
+        .any(|r| matches!(r, Row::EbpfVxlan | Row::EbpfHostgw))
+    {
+        // flanneld embeds the object at compile time, so it must come first.
+        if let Err(e) = ebpf::toolchain().and_then(|tc| ebpf::build(&tc)) {
+            eprintln!("bench: the BPF object did not build ({e:#}); the eBPF rows will say so");
+        }
+    }
+    match run(cargo().args(["build", "--bin", "flanneld"])) {
+        Ok(()) => Ok(target_dir().join("debug/flanneld")),
+        Err(e) => Err(format!("flanneld does not build: {e:#}")),
+    }
+}
+
+/// Progress on stderr: elapsed time, the step, and the row.
+struct Progress {
+    start: Instant,
+    steps: usize,
+    done: usize,
+}
+
+impl Progress {
+    fn say(&self, msg: &str) {
+        let t = self.start.elapsed().as_secs();
+        eprintln!(
+            "[bench {:02}:{:02} {}/{}] {msg}",
+            t / 60,
+            t % 60,
+            self.done,
+            self.steps
+        );
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
+    let mut progress = Progress {
+        start: Instant::now(),
+        steps: plan.rows.len() * plan.modes.len(),
+        done: 0,
+    };
+    let mut results = Vec::new();
+    for (i, &row) in plan.rows.iter().enumerate() {
+        progress.say(&format!("{}: setting up", row.name()));
+        let outcome = run_row(plan, ctx, row, i, &mut progress);
+        if interrupted() {
+            bail!("interrupted");
+        }
+        // Any failure inside a row (a command that did not work in this kernel, a tool
+        // that crashed) makes that row unavailable, not the run.
+        let per_mode = outcome.unwrap_or_else(|e| {
+            let status = Status::Unavailable {
+                reason: format!("{e:#}"),
+            };
+            plan.modes
+                .iter()
+                .map(|_| (status.clone(), Vec::new()))
+                .collect()
+        });
+        for (&m, (status, samples)) in plan.modes.iter().zip(per_mode) {
+            if let Status::Unavailable { reason } = &status {
+                progress.say(&format!("{}: unavailable: {reason}", row.name()));
+            }
+            results.push(RowResult {
+                row,
+                offloads: m,
+                status,
+                samples,
+            });
+        }
+        progress.done = (i + 1) * plan.modes.len();
+    }
+    progress.say("done");
+    Ok(results)
+}
+
+/// Sets one row up, measures it under each offload setting, tears it down.
+fn run_row(
+    plan: &Plan,
+    ctx: &rows::Ctx,
+    row: Row,
+    index: usize,
+    progress: &mut Progress,
+) -> Result<Vec<(Status, Vec<Sample>)>> {
+    let unavailable = |reason: String| {
+        plan.modes
+            .iter()
+            .map(|_| {
+                (
+                    Status::Unavailable {
+                        reason: reason.clone(),
+                    },
+                    Vec::new(),
+                )
+            })
+            .collect()
+    };
+    let hosts = [topo::host(ctx.ul, 1, index)?, topo::host(ctx.ul, 2, index)?];
+    let active = match rows::setup(row, &hosts, ctx)? {
+        Ok(a) => a,
+        Err(why) => return Ok(unavailable(why)),
+    };
+    let target = active.subnets[1].host(2, false);
+    if !topo::ping_crosses(&hosts[0].container, &target, active.ping_timeout)? {
+        return Ok(unavailable(no_ping_reason(row, &active.subnets)));
+    }
+    if let Err(why) = rows::verify(row, &hosts, &active.subnets) {
+        return Ok(unavailable(why));
+    }
+    let row_dir = ctx.dir.join(row.name());
+    fs::create_dir_all(&row_dir)?;
+    let _servers = Servers::start(&hosts[1].container, &row_dir)?;
+    let mut out = Vec::new();
+    for &m in &plan.modes {
+        out.push(measure_mode(
+            plan, ctx, row, &hosts, &target, m, &row_dir, progress,
+        )?);
+        progress.done += 1;
+    }
+    Ok(out)
+}
+
+/// Why a row whose setup succeeded carries no traffic.
+fn no_ping_reason(row: Row, subnets: &[topo::Subnet; 2]) -> String {
+    let path = format!(
+        "{} → {}",
+        subnets[0].host(2, false),
+        subnets[1].host(2, false)
+    );
+    match row.flanneld() {
+        Some((backend, dataplane)) => format!(
+            "flanneld ({backend}, --dataplane {dataplane}) reached READY on both hosts, but \
+             a ping {path} does not cross: it does not set up forwarding for this yet"
+        ),
+        None => format!("the by-hand setup does not carry a ping {path}"),
+    }
+}
+
+/// One offload setting of a row: turn offloads off if asked, check the path again, then
+/// take the repetitions.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn measure_mode(
+    plan: &Plan,
+    ctx: &rows::Ctx,
+    row: Row,
+    hosts: &[Host; 2],
+    target: &str,
+    m: Offloads,
+    dir: &Path,
+    progress: &Progress,
+) -> Result<(Status, Vec<Sample>)> {
+    if m == Offloads::Off
+        && let Err(e) = topo::offloads_off(ctx.ul, hosts)
+    {
+        let reason = format!("{e:#}");
+        return Ok((Status::Unavailable { reason }, Vec::new()));
+    }
+    if !topo::ping_crosses(&hosts[0].container, target, Duration::from_secs(3))? {
+        let reason = format!("with offloads {} a ping no longer crosses", m.name());
+        return Ok((Status::Unavailable { reason }, Vec::new()));
+    }
+    let mut samples = Vec::new();
+    for rep in 1..=plan.repeat {
+        progress.say(&format!(
+            "{}, offloads {}: iperf3 {} s, qperf tcp_bw/tcp_lat {} s each{} (repetition {rep}/{})",
+            row.name(),
+            m.name(),
+            plan.durations.iperf3,
+            plan.durations.qperf,
+            if plan.sweep { ", qperf sweep" } else { "" },
+            plan.repeat
+        ));
+        let s = measure::sample(&hosts[0].container, target, plan.durations, plan.sweep, dir);
+        if interrupted() {
+            bail!("interrupted");
+        }
+        progress.say(&format!(
+            "{}, offloads {}: {}",
+            row.name(),
+            m.name(),
+            summary(&s)
+        ));
+        samples.push(s);
+    }
+    Ok((Status::Measured, samples))
+}
+
+/// A one-line summary of a sample, for progress.
+fn summary(s: &Sample) -> String {
+    let f = |v: Option<f64>, unit: &str| {
+        v.map_or_else(|| "failed".to_owned(), |v| format!("{v:.2} {unit}"))
+    };
+    let mut out = format!(
+        "iperf3 {}, tcp_bw {}, tcp_lat {}",
+        f(s.iperf3_gbps, "Gbit/s"),
+        f(s.qperf_bw_gbps, "Gbit/s"),
+        f(s.qperf_lat_us, "µs")
+    );
+    for e in &s.errors {
+        let _ = write!(out, "; {e}");
+    }
+    out
+}
+
+fn cpus() -> usize {
+    thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn date() -> String {
+    output(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+        .map(|d| d.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn meta(plan: &Plan, (date, loadavg_start): (String, String)) -> Meta {
+    let cpu_model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    Meta {
+        date,
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_default(),
+        cpus: cpus(),
+        cpu_model,
+        loadavg_start,
+        loadavg_end: loadavg(),
+        quick: plan.quick,
+        repeat: plan.repeat,
+        sweep: plan.sweep,
+        durations: plan.durations,
+    }
+}
+
+fn write_outputs(report: &Report, out: Option<PathBuf>) -> Result<()> {
+    let dir = out.unwrap_or_else(|| target_dir().join("bench"));
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let md = dir.join("report.md");
+    fs::write(&md, report.markdown())?;
+    let json = dir.join("results.json");
+    fs::write(&json, serde_json::to_string_pretty(report)? + "\n")?;
+    println!("\nwrote {} and {}", md.display(), json.display());
+    Ok(())
+}

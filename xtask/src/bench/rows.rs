@@ -1,0 +1,451 @@
+//! The dataplane rows: what each one sets up in the two hosts before the measurements.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{
+    topo::{Host, Proc, Subnet, Underlay, tail},
+    wait_for,
+};
+
+/// A dataplane the bench measures, in report order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Row {
+    /// No overlay: a route per peer subnet via the peer's underlay IP, set by hand.
+    Native,
+    /// A kernel flannel.1 set up by hand exactly as Go flannel does (the reference).
+    KernelVxlan,
+    /// Our flanneld, vxlan backend, `--dataplane kernel`.
+    FlanneldKernelVxlan,
+    /// Our flanneld, vxlan backend, `--dataplane ebpf`.
+    EbpfVxlan,
+    /// Our flanneld, host-gw backend, `--dataplane kernel`.
+    KernelHostgw,
+    /// Our flanneld, host-gw backend, `--dataplane ebpf`.
+    EbpfHostgw,
+}
+
+impl Row {
+    pub const ALL: [Row; 6] = [
+        Row::Native,
+        Row::KernelVxlan,
+        Row::FlanneldKernelVxlan,
+        Row::EbpfVxlan,
+        Row::KernelHostgw,
+        Row::EbpfHostgw,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Row::Native => "native",
+            Row::KernelVxlan => "kernel-vxlan",
+            Row::FlanneldKernelVxlan => "flanneld-kernel-vxlan",
+            Row::EbpfVxlan => "ebpf-vxlan",
+            Row::KernelHostgw => "kernel-hostgw",
+            Row::EbpfHostgw => "ebpf-hostgw",
+        }
+    }
+
+    /// The flanneld backend type and `--dataplane` value, for the rows flanneld sets up.
+    pub fn flanneld(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Row::Native | Row::KernelVxlan => None,
+            Row::FlanneldKernelVxlan => Some(("vxlan", "kernel")),
+            Row::EbpfVxlan => Some(("vxlan", "ebpf")),
+            Row::KernelHostgw => Some(("host-gw", "kernel")),
+            Row::EbpfHostgw => Some(("host-gw", "ebpf")),
+        }
+    }
+}
+
+/// The flannel network the bench uses; by-hand rows take two of its /24s.
+pub const NETWORK: &str = "10.6.0.0/16";
+const UNDERLAY_MTU: u32 = 1500;
+/// flannel's vxlan overhead: MTU = underlay MTU − 50.
+const VXLAN_MTU: u32 = UNDERLAY_MTU - 50;
+const VNI: &str = "1";
+const VXLAN_PORT: &str = "8472";
+const HEALTHZ_PORT: u16 = 8471;
+
+/// What a row needs while it is measured: its flanneld processes, and the container
+/// subnets (c1's first).
+pub struct Active {
+    // Dropped first: flanneld stops before the namespaces go.
+    pub _agents: Vec<Proc>,
+    pub subnets: [Subnet; 2],
+    /// How long a first ping may take to cross (a control plane needs a moment).
+    pub ping_timeout: Duration,
+}
+
+/// What the flanneld rows need from the run.
+pub struct Ctx<'a> {
+    pub ul: &'a Underlay,
+    /// The flanneld binary, or why there is none.
+    pub flanneld: &'a Result<PathBuf, String>,
+    /// This xtask, for `http-get` inside a namespace.
+    pub xtask: &'a Path,
+    pub dir: &'a Path,
+}
+
+/// Sets `row` up on the two hosts. `Ok(Err(why))`: the row is unavailable.
+pub fn setup(row: Row, hosts: &[Host; 2], ctx: &Ctx) -> Result<Result<Active, String>> {
+    match row.flanneld() {
+        None => by_hand(row, hosts).map(Ok),
+        Some((backend, dataplane)) => flanneld(backend, dataplane, hosts, ctx),
+    }
+}
+
+/// The two subnets of the by-hand rows: 10.6.1.0/24 behind h1, 10.6.2.0/24 behind h2.
+fn fixed_subnets() -> [Subnet; 2] {
+    [1, 2].map(|i| Subnet {
+        prefix: format!("10.6.{i}"),
+    })
+}
+
+fn by_hand(row: Row, hosts: &[Host; 2]) -> Result<Active> {
+    let subnets = fixed_subnets();
+    let mtu = if row == Row::Native {
+        native(hosts, &subnets)?;
+        UNDERLAY_MTU
+    } else {
+        kernel_vxlan(hosts, &subnets)?;
+        VXLAN_MTU
+    };
+    for (h, s) in hosts.iter().zip(&subnets) {
+        h.attach_container(s, mtu)?;
+    }
+    Ok(Active {
+        _agents: Vec::new(),
+        subnets,
+        ping_timeout: Duration::from_secs(3),
+    })
+}
+
+/// host-gw by hand: `ip route replace <peer subnet> via <peer IP> dev eth0`.
+fn native(hosts: &[Host; 2], subnets: &[Subnet; 2]) -> Result<()> {
+    for (i, h) in hosts.iter().enumerate() {
+        let j = 1 - i;
+        h.ns.ip(&[
+            "route",
+            "replace",
+            &subnets[j].cidr(),
+            "via",
+            &hosts[j].ip,
+            "dev",
+            "eth0",
+        ])?;
+    }
+    Ok(())
+}
+
+/// A fixed, locally administered VTEP MAC per host (flannel's are random; fixed ones make
+/// captures of different runs comparable).
+fn vtep_mac(i: usize) -> String {
+    format!("02:fb:00:00:00:{:02x}", i + 1)
+}
+
+/// flannel.1 exactly as Go flannel programs it (flannel.md §3.2), with iproute2.
+fn kernel_vxlan(hosts: &[Host; 2], subnets: &[Subnet; 2]) -> Result<()> {
+    for (i, h) in hosts.iter().enumerate() {
+        let mac = vtep_mac(i);
+        h.ns.ip(&[
+            "link",
+            "add",
+            "flannel.1",
+            "address",
+            &mac,
+            "type",
+            "vxlan",
+            "id",
+            VNI,
+            "dstport",
+            VXLAN_PORT,
+            "nolearning",
+            "local",
+            &h.ip,
+            "dev",
+            "eth0",
+        ])?;
+        h.ns.ip(&["link", "set", "flannel.1", "mtu", &VXLAN_MTU.to_string()])?;
+        let addr = format!("{}/32", subnets[i].host(0, false));
+        h.ns.ip(&["addr", "add", &addr, "dev", "flannel.1"])?;
+        h.ns.ip(&["link", "set", "flannel.1", "up"])?;
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let j = 1 - i;
+        let (peer_mac, peer_gw) = (vtep_mac(j), subnets[j].host(0, false));
+        // flannel's order: neigh, fdb, then the route, so the kernel never has to ARP.
+        h.ns.ip(&[
+            "neigh",
+            "replace",
+            &peer_gw,
+            "lladdr",
+            &peer_mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])?;
+        h.ns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "replace",
+                &peer_mac,
+                "dev",
+                "flannel.1",
+                "self",
+                "dst",
+                &hosts[j].ip,
+                "permanent",
+            ],
+        )?;
+        h.ns.ip(&[
+            "route",
+            "replace",
+            &subnets[j].cidr(),
+            "via",
+            &peer_gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])?;
+    }
+    Ok(())
+}
+
+/// Our flanneld on both hosts with `backend` and `--dataplane`: waits for READY, then
+/// addresses the containers from each host's subnet.env.
+fn flanneld(
+    backend: &str,
+    dataplane: &str,
+    hosts: &[Host; 2],
+    ctx: &Ctx,
+) -> Result<Result<Active, String>> {
+    let bin = match ctx.flanneld {
+        Ok(bin) => bin,
+        Err(why) => return Ok(Err(why.clone())),
+    };
+    let config = format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{backend}"}}}}"#);
+    ctx.ul.set_network_config(&config)?;
+    let mut agents = Vec::new();
+    let mut envs = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let hdir = ctx.dir.join(format!("h{}", i + 1));
+        // A fresh state dir per row: a VTEP MAC must not leak from one row to the next.
+        let _ = fs::remove_dir_all(&hdir);
+        fs::create_dir_all(&hdir)?;
+        let env = hdir.join("subnet.env");
+        let mut cmd = h.ns.command(bin);
+        cmd.args([
+            format!("--etcd-endpoints={}", ctx.ul.endpoint),
+            "--iface=eth0".to_owned(),
+            format!("--subnet-file={}", env.display()),
+            format!("--state-dir={}", hdir.join("state").display()),
+            "--healthz-ip=127.0.0.1".to_owned(),
+            format!("--healthz-port={HEALTHZ_PORT}"),
+            format!("--dataplane={dataplane}"),
+        ]);
+        agents.push(Proc::spawn(cmd, hdir.join("flanneld.log"))?);
+        envs.push(env);
+    }
+    let mut subnets = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        match ready(&mut agents[i], h, &envs[i], ctx.xtask)? {
+            Ok(s) => subnets.push(s),
+            Err(why) => return Ok(Err(format!("flanneld in h{}: {why}", i + 1))),
+        }
+    }
+    for (h, (s, mtu)) in hosts.iter().zip(&subnets) {
+        h.attach_container(s, *mtu)?;
+    }
+    let [a, b] = [subnets[0].0.clone(), subnets[1].0.clone()];
+    Ok(Ok(Active {
+        _agents: agents,
+        subnets: [a, b],
+        ping_timeout: Duration::from_secs(15),
+    }))
+}
+
+/// Waits for subnet.env and `/readyz`; returns the lease's subnet and FLANNEL_MTU, or why
+/// flanneld did not get there.
+fn ready(
+    agent: &mut Proc,
+    h: &Host,
+    env: &Path,
+    xtask: &Path,
+) -> Result<Result<(Subnet, u32), String>> {
+    let is_ready = || {
+        env.is_file()
+            && h.ns
+                .command(xtask)
+                .args(["http-get", &format!("127.0.0.1:{HEALTHZ_PORT}"), "/readyz"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+    };
+    let outcome = wait_for("flanneld READY", Duration::from_secs(45), || {
+        if let Some(status) = agent.exited() {
+            return Some(Err(format!("exited ({status}): {}", tail(&agent.log(), 3))));
+        }
+        is_ready().then_some(Ok(()))
+    })?;
+    match outcome {
+        None => Ok(Err(format!(
+            "not READY within 45 s: {}",
+            tail(&agent.log(), 3)
+        ))),
+        Some(Err(why)) => Ok(Err(why)),
+        Some(Ok(())) => Ok(read_subnet_env(env)),
+    }
+}
+
+/// FLANNEL_SUBNET and FLANNEL_MTU from a subnet.env.
+fn read_subnet_env(path: &Path) -> Result<(Subnet, u32), String> {
+    let env = fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let value = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+    };
+    let subnet = value("FLANNEL_SUBNET")
+        .and_then(Subnet::from_flannel_subnet)
+        .ok_or_else(|| format!("no /24 FLANNEL_SUBNET in subnet.env: {env:?}"))?;
+    let mtu = value("FLANNEL_MTU")
+        .and_then(|m| m.trim().parse().ok())
+        .ok_or_else(|| format!("no FLANNEL_MTU in subnet.env: {env:?}"))?;
+    Ok((subnet, mtu))
+}
+
+/// After the ping crossed: evidence that the row's dataplane, not something else,
+/// carries it. `Err(why)` makes the row unavailable.
+pub fn verify(row: Row, hosts: &[Host; 2], subnets: &[Subnet; 2]) -> Result<(), String> {
+    let h1 = &hosts[0].ns;
+    let route = h1
+        .ip(&["route", "show", &subnets[1].cidr()])
+        .map_err(|e| format!("{e:#}"))?;
+    match row {
+        Row::Native => Ok(()),
+        Row::KernelVxlan | Row::FlanneldKernelVxlan => {
+            if route.contains("dev flannel.1") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "h1's route to {} is not via flannel.1: {:?}",
+                    subnets[1].cidr(),
+                    route.trim()
+                ))
+            }
+        }
+        Row::KernelHostgw => {
+            if route.contains(&format!("via {}", hosts[1].ip)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "h1 has no host-gw route to {} via {}: {:?}",
+                    subnets[1].cidr(),
+                    hosts[1].ip,
+                    route.trim()
+                ))
+            }
+        }
+        Row::EbpfVxlan | Row::EbpfHostgw => bpf_attached(h1),
+    }
+}
+
+/// `Ok` when a TC or XDP program is attached to a link in the namespace. bpftool 7.1
+/// (Debian 12) lists tc and XDP attachments but not tcx links, so a miss also consults
+/// `tc filter show` on every link.
+fn bpf_attached(ns: &super::topo::Ns) -> Result<(), String> {
+    let json = ns
+        .exec("bpftool", &["-j", "net", "show"])
+        .unwrap_or_default();
+    if bpftool_lists_attachments(&json) {
+        return Ok(());
+    }
+    let links = ns.ip(&["-o", "link", "show"]).unwrap_or_default();
+    for dev in links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n))
+    {
+        for dir in ["ingress", "egress"] {
+            let f = ns
+                .exec("tc", &["filter", "show", "dev", dev, dir])
+                .unwrap_or_default();
+            if f.contains("bpf") {
+                return Ok(());
+            }
+        }
+    }
+    Err(
+        "traffic crosses, but no BPF program is attached in h1 (bpftool net show, tc filter \
+         show), so the eBPF dataplane is not what carries it"
+            .to_owned(),
+    )
+}
+
+/// True when `bpftool -j net show` lists a program on a link (flow dissectors aside).
+fn bpftool_lists_attachments(json: &str) -> bool {
+    let Ok(serde_json::Value::Array(entries)) = serde_json::from_str(json) else {
+        return false;
+    };
+    entries
+        .iter()
+        .filter_map(serde_json::Value::as_object)
+        .flat_map(|o| o.iter())
+        .any(|(kind, v)| kind != "flow_dissector" && v.as_array().is_some_and(|a| !a.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_clap_values() {
+        use clap::ValueEnum;
+        for row in Row::ALL {
+            let pv = row.to_possible_value().unwrap();
+            assert_eq!(pv.get_name(), row.name());
+        }
+    }
+
+    #[test]
+    fn vtep_macs_are_locally_administered_unicast() {
+        for i in 0..2 {
+            let first = u8::from_str_radix(&vtep_mac(i)[..2], 16).unwrap();
+            assert_eq!(first & 0b11, 0b10);
+        }
+    }
+
+    #[test]
+    fn bpftool_attachments() {
+        let none = r#"[{"xdp":[],"tc":[],"flow_dissector":[]}]"#;
+        assert!(!bpftool_lists_attachments(none));
+        let tc = r#"[{"xdp":[],"tc":[{"devname":"eth0","ifindex":2,"kind":"clsact/ingress",
+                     "name":"decap","id":42}],"flow_dissector":[]}]"#;
+        assert!(bpftool_lists_attachments(tc));
+        assert!(!bpftool_lists_attachments(""));
+    }
+
+    #[test]
+    fn subnet_env_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("subnet.env");
+        fs::write(
+            &p,
+            "FLANNEL_NETWORK=10.6.0.0/16\nFLANNEL_SUBNET=10.6.34.1/24\nFLANNEL_MTU=1450\n",
+        )
+        .unwrap();
+        let (s, mtu) = read_subnet_env(&p).unwrap();
+        assert_eq!(s.cidr(), "10.6.34.0/24");
+        assert_eq!(mtu, 1450);
+        fs::write(&p, "FLANNEL_SUBNET=10.6.34.1/24\n").unwrap();
+        assert!(read_subnet_env(&p).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! The bench topology: namespaces, processes, the underlay with etcd, hosts and containers.
+//!
+//! Everything is created inside namespaces named `flbench-<role>-<pid>` and removed on
+//! drop, so an error, a panic or Ctrl-C (which makes every wait fail and unwinds) leaves
+//! nothing behind. The host's own interfaces, routes and firewall are never touched.
+
+use std::{
+    fs,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::{interrupted, wait_for};
+use crate::util::{output, show};
+
+/// Every namespace of a bench run starts with this.
+pub const PREFIX: &str = "flbench-";
+/// The underlay /24; the bridge in the underlay namespace is `.1`, host `i` is `.(i+1)`.
+pub const UNDERLAY: &str = "10.98.0";
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
+
+/// A network namespace; processes inside are killed and the namespace deleted on drop.
+pub struct Ns {
+    pub name: String,
+}
+
+impl Ns {
+    pub fn new(role: &str) -> Result<Ns> {
+        let name = format!("{PREFIX}{role}-{}", std::process::id());
+        output(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Ns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NS ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        output(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// `PROGRAM` to be run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `PROGRAM ARGS` inside and returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        output(self.command(program).args(args))
+    }
+
+    pub fn sysctl(&self, key_value: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", key_value]).map(drop)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        kill_and_delete(&self.name);
+    }
+}
+
+/// Kills whatever runs in namespace `name`, then deletes it.
+fn kill_and_delete(name: &str) {
+    for _ in 0..50 {
+        let pids = output(Command::new("ip").args(["netns", "pids", name])).unwrap_or_default();
+        if pids.trim().is_empty() {
+            break;
+        }
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(pids.split_whitespace())
+            .stderr(Stdio::null())
+            .status();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+}
+
+/// Leftover `flbench-` namespaces: those of a dead run are cleaned, a live run's are an
+/// error (two runs at once would measure each other).
+pub fn clean_leftovers() -> Result<()> {
+    let list = output(Command::new("ip").args(["netns", "list"]))?;
+    for name in list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+    {
+        let owner = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = owner.filter(|&p| p != std::process::id() && alive(p)) {
+            bail!(
+                "namespace {name} belongs to a running bench (pid {pid}); wait for it or stop it"
+            );
+        }
+        eprintln!("bench: removing the leftover namespace {name}");
+        kill_and_delete(name);
+    }
+    Ok(())
+}
+
+/// True when process `pid` exists and is an xtask (so a recycled pid does not block us).
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("xtask"))
+}
+
+/// A process logging to a file; SIGTERM, then SIGKILL after 5 s, on drop.
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let file = fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            // Its own process group: the terminal's Ctrl-C reaches only us, and we stop
+            // the children in order.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", show(&cmd)))?;
+        Ok(Proc { child, log })
+    }
+
+    pub fn log(&self) -> String {
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.exited().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a short-lived command to completion with its stdout in `out_file`, giving up after
+/// `timeout` or on Ctrl-C (the command is killed either way). Returns its stdout.
+pub fn run_bounded(mut cmd: Command, out_file: &Path, timeout: Duration) -> Result<String> {
+    let what = show(&cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(out_file)?)
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("spawn {what}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if interrupted() || Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            if interrupted() {
+                bail!("interrupted");
+            }
+            bail!("{what} did not finish within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = fs::read_to_string(out_file).unwrap_or_default();
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        bail!(
+            "{what} failed ({status}): {} {}",
+            stderr.trim(),
+            tail(&stdout, 3)
+        );
+    }
+    Ok(stdout)
+}
+
+/// The last `n` lines of `s`, joined by " | ".
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// The underlay namespace: bridge `br0` with `.1`, and etcd listening there.
+pub struct Underlay {
+    // Field order is drop order: etcd stops before its namespace goes.
+    etcd: Proc,
+    pub ns: Ns,
+    pub endpoint: String,
+}
+
+impl Underlay {
+    pub fn new(dir: &Path) -> Result<Underlay> {
+        let ns = Ns::new("ul")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        let endpoint = format!("http://{UNDERLAY}.1:2379");
+        let mut cmd = ns.command("etcd");
+        cmd.args([
+            "--name=bench".to_owned(),
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls={endpoint}"),
+            format!("--advertise-client-urls={endpoint}"),
+            format!("--listen-peer-urls=http://{UNDERLAY}.1:2380"),
+            format!("--initial-advertise-peer-urls=http://{UNDERLAY}.1:2380"),
+            format!("--initial-cluster=bench=http://{UNDERLAY}.1:2380"),
+        ]);
+        let etcd = Proc::spawn(cmd, dir.join("etcd.log"))?;
+        let mut ul = Underlay { etcd, ns, endpoint };
+        let healthy = wait_for("etcd", Duration::from_secs(20), || {
+            ul.etcdctl(&["endpoint", "health"]).ok()
+        })?;
+        if healthy.is_none() {
+            bail!(
+                "etcd did not become healthy; exit {:?}; log: {}",
+                ul.etcd.exited(),
+                tail(&ul.etcd.log(), 10)
+            );
+        }
+        Ok(ul)
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.ns.command("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .args(args);
+        output(&mut cmd)
+    }
+
+    /// A fresh network config with no leases left from an earlier row.
+    pub fn set_network_config(&self, config: &str) -> Result<()> {
+        self.etcdctl(&["del", "--prefix", &format!("{ETCD_PREFIX}/subnets/")])?;
+        self.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), config])?;
+        Ok(())
+    }
+}
+
+/// One "node": a host namespace on the underlay and a container namespace behind it.
+pub struct Host {
+    // Drop order: the container first, then the host (whose veth into the underlay goes
+    // with it).
+    pub container: Ns,
+    pub ns: Ns,
+    /// The host's underlay address (on its `eth0`).
+    pub ip: String,
+    /// The host's bridge port in the underlay namespace.
+    pub port: String,
+}
+
+/// Builds host `i` (1-based) for row number `row`: `eth0` on the underlay bridge, a
+/// bridge `cni0` with a veth `veth0` to the container's `eth0`, forwarding on. The
+/// addresses behind `cni0` depend on the row's subnet, see [`Host::attach_container`].
+pub fn host(ul: &Underlay, i: usize, row: usize) -> Result<Host> {
+    let ns = Ns::new(&format!("h{i}"))?;
+    let ip = format!("{UNDERLAY}.{}", i + 1);
+    // Unique per row: the previous row's port may linger while the kernel destroys its
+    // namespace asynchronously.
+    let port = format!("r{row}h{i}");
+    ns.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &port,
+        "netns",
+        &ul.ns.name,
+    ])?;
+    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ul.ns.ip(&["link", "set", &port, "master", "br0"])?;
+    ul.ns.ip(&["link", "set", &port, "up"])?;
+    ns.sysctl("net.ipv4.ip_forward=1")?;
+    ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+    let container = Ns::new(&format!("c{i}"))?;
+    ns.ip(&[
+        "link",
+        "add",
+        "veth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &container.name,
+    ])?;
+    ns.ip(&["link", "set", "veth0", "master", "cni0"])?;
+    Ok(Host {
+        container,
+        ns,
+        ip,
+        port,
+    })
+}
+
+impl Host {
+    /// Addresses the container side as Docker with `--bip=<subnet>.1/24 --mtu=<mtu>`
+    /// would: `.1` on `cni0`, `.2` in the container with a default route via `.1`.
+    pub fn attach_container(&self, subnet: &Subnet, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        self.ns
+            .ip(&["addr", "add", &subnet.host(1, true), "dev", "cni0"])?;
+        for dev in ["veth0", "cni0"] {
+            self.ns.ip(&["link", "set", dev, "mtu", &mtu, "up"])?;
+        }
+        let c = &self.container;
+        c.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
+        c.ip(&["addr", "add", &subnet.host(2, true), "dev", "eth0"])?;
+        c.ip(&["route", "add", "default", "via", &subnet.host(1, false)])?;
+        Ok(())
+    }
+}
+
+/// An IPv4 /24 container subnet such as 10.6.34.0/24 (what flannel leases by default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    /// The first three octets, `10.6.34`.
+    pub prefix: String,
+}
+
+impl Subnet {
+    /// From `FLANNEL_SUBNET` (`10.6.34.1/24`); only /24 leases are supported here.
+    pub fn from_flannel_subnet(s: &str) -> Option<Subnet> {
+        let (ip, len) = s.trim().split_once('/')?;
+        if len != "24" {
+            return None;
+        }
+        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+        let o = ip.octets();
+        Some(Subnet {
+            prefix: format!("{}.{}.{}", o[0], o[1], o[2]),
+        })
+    }
+
+    /// `.n`, with `/24` appended when `with_len`.
+    pub fn host(&self, n: u8, with_len: bool) -> String {
+        if with_len {
+            format!("{}.{n}/24", self.prefix)
+        } else {
+            format!("{}.{n}", self.prefix)
+        }
+    }
+
+    /// The network, `10.6.34.0/24`.
+    pub fn cidr(&self) -> String {
+        self.host(0, true)
+    }
+}
+
+/// Turns TSO, GSO and GRO off on every veth on the path c1 → h1 → underlay → h2 → c2.
+pub fn offloads_off(ul: &Underlay, hosts: &[Host]) -> Result<()> {
+    let mut devs: Vec<(&Ns, &str)> = Vec::new();
+    for h in hosts {
+        devs.extend([
+            (&h.container, "eth0"),
+            (&h.ns, "veth0"),
+            (&h.ns, "eth0"),
+            (&ul.ns, h.port.as_str()),
+        ]);
+    }
+    for (ns, dev) in devs {
+        ns.exec(
+            "ethtool",
+            &["-K", dev, "tso", "off", "gso", "off", "gro", "off"],
+        )
+        .with_context(|| format!("offloads off on {dev} in {}", ns.name))?;
+    }
+    Ok(())
+}
+
+/// Waits until something listens on TCP `port` inside `ns`.
+pub fn wait_listening(ns: &Ns, port: u16) -> Result<bool> {
+    let filter = format!("sport = :{port}");
+    Ok(wait_for("a listening server", Duration::from_secs(10), || {
+        ns.exec("ss", &["-Hltn", &filter])
+            .ok()
+            .filter(|o| !o.trim().is_empty())
+    })?
+    .is_some())
+}
+
+/// One ping from `from` to `to`: true when a reply came back.
+pub fn ping_once(from: &Ns, to: &str) -> bool {
+    from.command("ping")
+        .args(["-c", "1", "-W", "1", to])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Pings until one crosses or `timeout` passes (the control plane may still be
+/// programming the peer); then three more must all cross, so a flapping path fails.
+pub fn ping_crosses(from: &Ns, to: &str, timeout: Duration) -> Result<bool> {
+    if wait_for("a ping across", timeout, || {
+        ping_once(from, to).then_some(())
+    })?
+    .is_none()
+    {
+        return Ok(false);
+    }
+    Ok(from
+        .command("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "1", to])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_from_flannel_subnet() {
+        let s = Subnet::from_flannel_subnet("10.6.34.1/24\n").unwrap();
+        assert_eq!(s.cidr(), "10.6.34.0/24");
+        assert_eq!(s.host(2, false), "10.6.34.2");
+        assert_eq!(Subnet::from_flannel_subnet("10.6.34.1/25"), None);
+        assert_eq!(Subnet::from_flannel_subnet("nonsense"), None);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\n\nc\n", 2), "b | c");
+        assert_eq!(tail("", 2), "");
+    }
+}
