@@ -1,19 +1,65 @@
 //! flannel's BPF programs. Entry points only: each is a thin wrapper that calls a `try_*`
 //! function and turns its error into one explicit TC action.
 //!
-//! So far there is one program, `flannel_stats` (`flannel_common::PROG_STATS`), a TC
-//! classifier that counts packets and bytes. It starts the build pipeline and the shared
-//! ABI check; the VXLAN dataplane programs come later.
+//! - `flannel_encap` (`flannel_common::PROG_ENCAP`): TC egress of `flannel.<VNI>`;
+//! - `flannel_decap` (`flannel_common::PROG_DECAP`): TC ingress of the underlay;
+//! - `flannel_stats` (`flannel_common::PROG_STATS`): counts packets, for debugging.
+//!
+//! The policy for errors: a `try_*` returns `Err(reason)`; reasons that are drops
+//! (`flannel_common::maps::reason::is_drop`) end in `TC_ACT_SHOT`, every other one hands
+//! the packet, unchanged, to the kernel's own vxlan path with `TC_ACT_OK`. Both are
+//! counted per reason, so nothing is dropped silently.
 #![no_std]
 #![no_main]
 
+mod csum;
 mod maps;
+mod parse;
+mod vxlan;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use flannel_common::maps::STATS_INDEX_ALL;
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use flannel_common::maps::{STATS_INDEX_ALL, reason};
 
 /// `TC_ACT_OK` as the `i32` a classifier returns (the binding is a `u32` constant 0).
 const ACT_OK: i32 = TC_ACT_OK as i32;
+const ACT_SHOT: i32 = TC_ACT_SHOT as i32;
+
+/// Encapsulates VXLAN for known peers at TC egress of `flannel.<VNI>`.
+#[classifier]
+pub fn flannel_encap(ctx: TcContext) -> i32 {
+    verdict(vxlan::try_encap(&ctx))
+}
+
+/// Decapsulates VXLAN from known peers at TC ingress of the underlay.
+#[classifier]
+pub fn flannel_decap(ctx: TcContext) -> i32 {
+    verdict(vxlan::try_decap(&ctx))
+}
+
+/// The action for a `try_*` result, counting the reason of anything not forwarded.
+#[inline(always)]
+fn verdict(result: Result<i32, u32>) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(vxlan::NOT_OURS) => ACT_OK,
+        Err(why) => {
+            if let Some(slot) = maps::FLANNEL_REASONS.get_ptr_mut(why) {
+                // SAFETY: a successful per-CPU array lookup: this CPU's slot, valid for
+                // the program's run, written by no other CPU.
+                unsafe { *slot = (*slot).wrapping_add(1) };
+            }
+            if reason::is_drop(why) {
+                ACT_SHOT
+            } else {
+                ACT_OK
+            }
+        }
+    }
+}
 
 /// Counts every packet; never changes the packet's fate.
 #[classifier]

@@ -1,11 +1,40 @@
 //! Every map of the BPF object, in one place.
 //!
 //! aya's `#[map(name = ...)]` takes only literals, so each name below is repeated from
-//! `flannel_common`; `tests/tests/ebpf_object.rs` fails if the two drift apart.
+//! `flannel_common`; `tests/tests/ebpf_object.rs` fails if the two drift apart. None is
+//! pinned by the object itself: the agent chooses the pin paths (a versioned directory).
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use flannel_common::{Counters, maps::STATS_ENTRIES};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use flannel_common::{
+    Counters,
+    maps::{Config, MAX_PEERS, Peer, PeerCounters, PeerSource, STATS_ENTRIES, SourceKey, reason},
+};
 
 /// `flannel_common::MAP_STATS`: per-CPU packet and byte counters.
 #[map(name = "FLANNEL_STATS")]
 pub static FLANNEL_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+
+/// `flannel_common::MAP_CONFIG`: this node (one entry, key 0).
+#[map(name = "FLANNEL_CONFIG")]
+pub static FLANNEL_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// `flannel_common::MAP_PEERS`: peer subnet (LPM, network-order `u32`) → peer.
+#[map(name = "FLANNEL_PEERS")]
+pub static FLANNEL_PEERS: LpmTrie<u32, Peer> = LpmTrie::with_max_entries(MAX_PEERS, 0);
+
+/// `flannel_common::MAP_SOURCES`: peer PublicIP → the subnet it may send from.
+#[map(name = "FLANNEL_SOURCES")]
+pub static FLANNEL_SOURCES: HashMap<SourceKey, PeerSource> =
+    HashMap::with_max_entries(MAX_PEERS, 0);
+
+/// `flannel_common::MAP_PEER_COUNTERS`: per-CPU traffic per peer slot.
+#[map(name = "FLANNEL_PEER_COUNTERS")]
+pub static FLANNEL_PEER_COUNTERS: PerCpuArray<PeerCounters> =
+    PerCpuArray::with_max_entries(MAX_PEERS, 0);
+
+/// `flannel_common::MAP_REASONS`: per-CPU packet count per `reason`.
+#[map(name = "FLANNEL_REASONS")]
+pub static FLANNEL_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);

@@ -7,10 +7,16 @@
 //! fail under CI=true): `cargo xtask test` builds it first.
 
 use aya::{Ebpf, TestRun, TestRunOptions, maps::PerCpuArray, programs::SchedClassifier};
-use aya_obj::{Object, ProgramSection, generated::bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY};
+use aya_obj::{
+    Object, ProgramSection,
+    generated::bpf_map_type::{
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_PERCPU_ARRAY,
+    },
+};
 use flannel_common::{
-    Counters, MAP_STATS, MAPS, PROG_STATS, PROGRAMS,
-    maps::{STATS_ENTRIES, STATS_INDEX_ALL, StatsKey},
+    Counters, MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, MAP_STATS, MAPS,
+    PINNED_MAPS, PROG_STATS, PROGRAMS,
+    maps::{MAX_PEERS, STATS_ENTRIES, STATS_INDEX_ALL, StatsKey, reason},
 };
 use flannel_tests::{require_root, skip};
 
@@ -47,6 +53,32 @@ fn maps_match_flannel_common() {
     expected.sort_unstable();
     assert_eq!(names, expected);
 
+    // Map types and sizes the agent relies on (an LPM trie needs BPF_F_NO_PREALLOC).
+    for (name, map_type, max_entries) in [
+        (MAP_STATS, BPF_MAP_TYPE_PERCPU_ARRAY, STATS_ENTRIES),
+        (MAP_CONFIG, BPF_MAP_TYPE_ARRAY, 1),
+        (MAP_PEERS, BPF_MAP_TYPE_LPM_TRIE, MAX_PEERS),
+        (MAP_SOURCES, BPF_MAP_TYPE_HASH, MAX_PEERS),
+        (MAP_PEER_COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, MAX_PEERS),
+        (MAP_REASONS, BPF_MAP_TYPE_PERCPU_ARRAY, reason::COUNT),
+    ] {
+        let map = &obj.maps[name];
+        assert_eq!(map.map_type(), map_type as u32, "{name} type");
+        assert_eq!(map.max_entries(), max_entries, "{name} max entries");
+        // Pins are chosen by the agent (a versioned directory), never by the object.
+        assert_eq!(
+            map.pinning(),
+            aya_obj::maps::PinningType::None,
+            "{name} pinning"
+        );
+    }
+    for name in PINNED_MAPS {
+        assert!(
+            MAPS.iter().any(|m| m.0 == *name),
+            "pinned map {name} not in MAPS"
+        );
+    }
+
     let stats = &obj.maps[MAP_STATS];
     assert_eq!(stats.map_type(), BPF_MAP_TYPE_PERCPU_ARRAY as u32);
     assert_eq!(stats.max_entries(), STATS_ENTRIES);
@@ -67,13 +99,12 @@ fn programs_match_flannel_common() {
                 obj.programs.keys()
             )
         });
-        if *name == PROG_STATS {
-            assert!(
-                matches!(prog.section, ProgramSection::SchedClassifier),
-                "{name} is not a TC classifier: {:?}",
-                prog.section
-            );
-        }
+        // All three are TC classifiers.
+        assert!(
+            matches!(prog.section, ProgramSection::SchedClassifier),
+            "{name} is not a TC classifier: {:?}",
+            prog.section
+        );
     }
 }
 
