@@ -275,9 +275,13 @@ fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
                 .map(|_| (status.clone(), Vec::new()))
                 .collect()
         });
+        let mut said = Vec::new();
         for (&m, (status, samples)) in plan.modes.iter().zip(per_mode) {
-            if let Status::Unavailable { reason } = &status {
+            if let Status::Unavailable { reason } = &status
+                && !said.contains(reason)
+            {
                 progress.say(&format!("{}: unavailable: {reason}", row.name()));
+                said.push(reason.clone());
             }
             results.push(RowResult {
                 row,

@@ -299,10 +299,34 @@ fn ready(
     match outcome {
         None => Ok(Err(format!(
             "not READY within 45 s: {}",
-            tail(&agent.log(), 3)
+            log_reason(&agent.log())
         ))),
         Some(Err(why)) => Ok(Err(why)),
         Some(Ok(())) => Ok(read_subnet_env(env)),
+    }
+}
+
+/// The gist of a flanneld log for a one-line reason: the last error's `error="…"`
+/// field, else the last error line, else the last line, without its timestamp.
+fn log_reason(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let Some(line) = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("ERROR") || l.contains("error="))
+        .or(lines.last())
+    else {
+        return "(empty log)".to_owned();
+    };
+    if let Some((_, rest)) = line.split_once("error=\"") {
+        return rest.rsplit_once('"').map_or(rest, |(e, _)| e).to_owned();
+    }
+    // klog/tracing lines start with a timestamp; the rest says what happened.
+    match line.split_once(' ') {
+        Some((first, rest)) if first.starts_with(|c: char| c.is_ascii_digit()) => {
+            rest.trim().to_owned()
+        }
+        _ => line.trim().to_owned(),
     }
 }
 
@@ -421,6 +445,19 @@ mod tests {
             let first = u8::from_str_radix(&vtep_mac(i)[..2], 16).unwrap();
             assert_eq!(first & 0b11, 0b10);
         }
+    }
+
+    #[test]
+    fn log_reasons() {
+        let log = "2026-11-28T20:25:58Z  INFO flannel_agent::daemon: using interface\n\
+                   2026-11-28T20:25:58Z ERROR flanneld: flanneld failed error=\"--dataplane=ebpf: \
+                   not wired\"\n";
+        assert_eq!(log_reason(log), "--dataplane=ebpf: not wired");
+        assert_eq!(
+            log_reason("2026-11-28T20:25:58Z  INFO waiting for etcd\n"),
+            "INFO waiting for etcd"
+        );
+        assert_eq!(log_reason(""), "(empty log)");
     }
 
     #[test]
