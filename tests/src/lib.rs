@@ -774,6 +774,182 @@ impl Drop for Etcd {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Overlay hosts and containers (backend tests)
+// ---------------------------------------------------------------------------------------
+
+/// A flanneld "host": a namespace attached to an underlay as `eth0`, with a directory for
+/// its subnet.env, state and logs, and IPv4 forwarding on (as a node routing for its
+/// containers needs).
+pub struct OverlayHost {
+    pub ns: NetNs,
+    /// The underlay address (flanneld's PublicIP).
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+}
+
+impl OverlayHost {
+    /// Creates host number `i` under `root`.
+    pub fn new(underlay: &mut Underlay, i: usize, root: &Path) -> OverlayHost {
+        let ns = NetNs::new(&format!("h{i}"));
+        let ip = underlay.attach(&ns, "eth0");
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let dir = root.join(format!("host{i}"));
+        fs::create_dir_all(&dir).expect("create host dir");
+        OverlayHost { ns, ip, dir }
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Starts flanneld in the host against `etcd` (`--iface=eth0`, our subnet file and
+    /// state dir, no health server), with `extra` flags; its log goes to a new file in the
+    /// host directory.
+    pub fn flanneld(&self, etcd: &Etcd, extra: &[&str]) -> Child {
+        static RUN: AtomicU32 = AtomicU32::new(0);
+        let mut cmd = self.ns.command(flanneld_bin());
+        cmd.arg(format!("--etcd-endpoints={}", etcd.endpoint()))
+            .arg("--iface=eth0")
+            .arg(format!("--subnet-file={}", self.subnet_file().display()))
+            .arg(format!("--state-dir={}", self.state_dir().display()))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET");
+        let n = RUN.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("flanneld-{n}.log"));
+        Child::spawn_logged("flanneld", cmd, &log)
+    }
+
+    /// `FLANNEL_SUBNET` from subnet.env as the subnet (`10.5.7.1/24` → `10.5.7.0/24`),
+    /// waiting up to `timeout` for the file.
+    pub fn leased_subnet(&self, timeout: Duration) -> String {
+        let text = wait_until(timeout, || fs::read_to_string(self.subnet_file()).ok())
+            .unwrap_or_else(|| panic!("{} not written", self.subnet_file().display()));
+        let sub = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+            .unwrap_or_else(|| panic!("no FLANNEL_SUBNET in {text}"));
+        subnet_of(sub)
+    }
+}
+
+/// `10.5.7.1/24` → `10.5.7.0/24` (IPv4, any prefix length).
+pub fn subnet_of(cidr: &str) -> String {
+    let (ip, len) = cidr.split_once('/').expect("CIDR");
+    let ip: Ipv4Addr = ip.parse().expect("IPv4");
+    let len: u32 = len.parse().expect("prefix length");
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask))
+}
+
+/// Address `n` of a subnet in CIDR form: `host_addr("10.5.7.0/24", 2)` → `10.5.7.2`.
+pub fn host_addr(subnet: &str, n: u32) -> Ipv4Addr {
+    let ip: Ipv4Addr = subnet
+        .split('/')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("subnet");
+    Ipv4Addr::from(u32::from(ip) + n)
+}
+
+/// A "container" behind a host, wired as a CNI bridge plugin would: bridge `cni0` in the
+/// host with the subnet's `.1`, a veth into the container, which gets `.2` and a default
+/// route via `.1`.
+pub struct Container {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+}
+
+impl Container {
+    pub fn new(host: &OverlayHost, subnet: &str) -> Container {
+        let len = subnet.split('/').nth(1).expect("prefix length");
+        let gw = host_addr(subnet, 1);
+        let ip = host_addr(subnet, 2);
+        let ns = NetNs::new("ct");
+        host.ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+        host.ns
+            .ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "cni0"]);
+        host.ns.ip(&["link", "set", "cni0", "up"]);
+        host.ns.ip(&[
+            "link",
+            "add",
+            "vethct",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        host.ns.ip(&["link", "set", "vethct", "master", "cni0"]);
+        host.ns.ip(&["link", "set", "vethct", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &gw.to_string()]);
+        Container { ns, ip }
+    }
+
+    /// Pings `to` until one reply comes back or `timeout` passes.
+    pub fn can_ping(&self, to: Ipv4Addr, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.ns
+                .exec(&["ping", "-c1", "-W1", &to.to_string()])
+                .status
+                .success()
+                .then_some(())
+        })
+        .is_some()
+    }
+
+    /// Runs a 2 MB iperf3 TCP transfer to `server` (which must be running
+    /// [`Container::iperf3_server`]), retrying while the server starts. `reverse` sends from
+    /// the server to us. Panics with iperf3's output on failure.
+    pub fn tcp_transfer(&self, server: &Container, reverse: bool) {
+        let target = server.ip.to_string();
+        let mut args = vec![
+            "timeout",
+            "20",
+            "iperf3",
+            "-c",
+            &target,
+            "-n",
+            "2M",
+            "--connect-timeout",
+            "2000",
+        ];
+        if reverse {
+            args.push("-R");
+        }
+        let mut last = String::new();
+        let ok = wait_until(Duration::from_secs(20), || {
+            let out = self.ns.exec(&args);
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.status.success().then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "iperf3 to {target} (reverse={reverse}) failed:\n{last}"
+        );
+    }
+
+    /// Starts an iperf3 server in the container; stopped when the guard drops.
+    pub fn iperf3_server(&self) -> Child {
+        let mut cmd = self.ns.command("iperf3");
+        cmd.args(["-s", "--bind", &self.ip.to_string()]);
+        Child::spawn("iperf3", cmd)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
