@@ -32,9 +32,9 @@ use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
-        bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
@@ -234,9 +234,12 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
             u32::from(BPF_FIB_LOOKUP_OUTPUT),
         )
     };
-    let neigh_known = match rc {
-        r if r == i64::from(BPF_FIB_LKUP_RET_SUCCESS) => true,
-        r if r == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) => false,
+    let next_hop = match rc {
+        r if r == i64::from(BPF_FIB_LKUP_RET_SUCCESS) => NextHop::Resolved,
+        r if r == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) => NextHop::Unresolved,
+        // The FIB helper insists on forwarding being enabled on the underlay, even for
+        // output lookups; the kernel's own route lookup in `bpf_redirect_neigh` does not.
+        r if r == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) => NextHop::KernelRoute,
         r if r == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) => return Err(reason::PASS_OVERSIZE),
         r if r < 0 => return Err(reason::PASS_HELPER_FAILED),
         _ => return Err(reason::PASS_NO_ROUTE),
@@ -257,7 +260,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
 
     // From here on the packet is no longer the kernel's: a failure can only drop it.
     write(ctx, ETH_LEN, &header).map_err(|()| reason::DROP_REWRITE_FAILED)?;
-    if neigh_known {
+    if let NextHop::Resolved = next_hop {
         let outer_eth = Eth {
             dst: fib.dmac,
             src: fib.smac,
@@ -268,25 +271,41 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
     let packets = if gso_segs == 0 { 1 } else { gso_segs };
     count_peer(peer.index, true, u64::from(packets), u64::from(frame_len));
 
-    if neigh_known {
+    let action = match next_hop {
         // SAFETY: the helper only records the target; `fib.ifindex` came from the FIB.
-        Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
-    } else {
-        // SAFETY: `bpf_redir_neigh` is plain old data; all-zero is valid.
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = u32::from(AF_INET);
-        // SAFETY: writing a `Copy` union field, and reading the one the FIB lookup set.
-        unsafe { nh.__bindgen_anon_1.ipv4_nh = fib.__bindgen_anon_4.ipv4_dst };
-        // SAFETY: `nh` is a live stack struct of the size passed.
-        Ok(unsafe {
-            bpf_redirect_neigh(
-                fib.ifindex,
-                &raw mut nh,
-                size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        } as i32)
-    }
+        NextHop::Resolved => unsafe { bpf_redirect(fib.ifindex, 0) },
+        NextHop::Unresolved => {
+            // SAFETY: `bpf_redir_neigh` is plain old data; all-zero is valid.
+            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            nh.nh_family = u32::from(AF_INET);
+            // SAFETY: writing a `Copy` union field, and reading the one the FIB lookup set.
+            unsafe { nh.__bindgen_anon_1.ipv4_nh = fib.__bindgen_anon_4.ipv4_dst };
+            // SAFETY: `nh` is a live stack struct of the size passed.
+            unsafe {
+                bpf_redirect_neigh(
+                    fib.ifindex,
+                    &raw mut nh,
+                    size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            }
+        }
+        // SAFETY: a null `params` with length 0 asks the kernel to route the packet itself.
+        NextHop::KernelRoute => unsafe {
+            bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0)
+        },
+    };
+    Ok(action as i32)
+}
+
+/// How encap reaches the peer's PublicIP.
+enum NextHop {
+    /// The FIB gave the next hop's MAC: write the outer Ethernet header, `bpf_redirect`.
+    Resolved,
+    /// The FIB knows the next hop but not its MAC: `bpf_redirect_neigh` to it.
+    Unresolved,
+    /// The FIB helper declined (forwarding disabled): `bpf_redirect_neigh` routes itself.
+    KernelRoute,
 }
 
 /// Decapsulates VXLAN for us from a known peer and delivers the inner frame to the

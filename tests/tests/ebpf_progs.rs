@@ -1,0 +1,889 @@
+//! The VXLAN programs under BPF_PROG_TEST_RUN (aya `test_run`), with crafted frames.
+//!
+//! Each test runs in a private network namespace that the test thread enters (test_run
+//! and the programs' `bpf_fib_lookup` use the calling thread's namespace). The namespace
+//! has an underlay `eth0` (a veth) with 192.168.50.1/24 and a permanent neighbour for the
+//! peer's PublicIP 192.168.50.2, so the encap program's FIB lookup resolves the outer
+//! MACs deterministically.
+//!
+//! Documented verdicts (see `flannel_common::maps::reason`): anything the programs cannot
+//! handle exactly is `TC_ACT_OK` (the kernel's vxlan path takes it), counted by reason;
+//! spoofed VXLAN is `TC_ACT_SHOT`, counted; forwarded packets are `TC_ACT_REDIRECT`.
+
+use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
+
+use aya::{
+    Ebpf, TestRun, TestRunOptions,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::SchedClassifier,
+};
+use flannel_common::{
+    MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, PROG_DECAP, PROG_ENCAP,
+    maps::{Config, FLAG_PEERS_SYNCED, Peer, PeerCounters, PeerSource, reason},
+};
+use flannel_tests::{NetNs, require_root, skip};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
+const VTEP_A: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+const VTEP_B: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x02];
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+const VNI: u32 = 1;
+const PORT: u16 = 8472;
+const VXLAN_IFINDEX: u32 = 4242;
+const SLOT_A: u32 = 1;
+const SLOT_B: u32 = 3;
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn mask(len: u8) -> u32 {
+    be(Ipv4Addr::from(u32::MAX << (32 - u32::from(len))))
+}
+
+/// Makes the calling thread live in a namespace until dropped.
+struct InNetns {
+    orig: File,
+}
+
+impl InNetns {
+    fn enter(ns: &NetNs) -> InNetns {
+        let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let target = File::open(format!("/var/run/netns/{}", ns.name())).expect("open netns");
+        // SAFETY: setns(2) with a namespace fd we hold open; it only changes this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        InNetns { orig }
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`, with the fd of the namespace the thread came from.
+        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
+/// A namespace with the underlay, the loaded programs and their maps.
+struct Lab {
+    ebpf: Ebpf,
+    underlay_mac: [u8; 6],
+    underlay_ifindex: u32,
+    // Dropped before the namespace it refers to.
+    _inside: InNetns,
+    _ns: NetNs,
+}
+
+fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
+    let out = ns.ip(&["-o", "link", "show", ifname]);
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("link/ether in ip link output");
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(addr.split(':')) {
+        *b = u8::from_str_radix(part, 16).expect("hex");
+    }
+    mac
+}
+
+impl Lab {
+    fn new(test_name: &str) -> Option<Lab> {
+        if !require_root(test_name) {
+            return None;
+        }
+        let bytes = match flannel_agent::dataplane::ebpf_object() {
+            Ok(b) => b,
+            Err(e) => {
+                skip(test_name, &e.to_string());
+                return None;
+            }
+        };
+        let ns = NetNs::new("bpf");
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ]);
+        ns.ip(&["addr", "add", "192.168.50.1/24", "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["link", "set", "eth0p", "up"]);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "192.168.50.2",
+            "lladdr",
+            "02:00:00:00:00:b2",
+            "nud",
+            "permanent",
+            "dev",
+            "eth0",
+        ]);
+        // Nodes forward (flannel needs it); the FIB helper insists on it.
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        let underlay_mac = mac_of(&ns, "eth0");
+        let inside = InNetns::enter(&ns);
+        let underlay_ifindex = ifindex("eth0");
+        let mut ebpf = Ebpf::load(bytes).expect("load the BPF object");
+        for name in [PROG_ENCAP, PROG_DECAP] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program present")
+                .try_into()
+                .expect("classifier");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
+        }
+        let mut lab = Lab {
+            ebpf,
+            underlay_mac,
+            underlay_ifindex,
+            _inside: inside,
+            _ns: ns,
+        };
+        lab.set_peer(Ipv4Addr::new(10, 244, 2, 0), 24, NODE_B_IP, VTEP_B, SLOT_B);
+        lab.set_peer(Ipv4Addr::new(10, 244, 1, 0), 24, NODE_A_IP, VTEP_A, SLOT_A);
+        lab.be_node_a(FLAG_PEERS_SYNCED);
+        Some(lab)
+    }
+
+    fn config(&mut self, cfg: Config) {
+        let mut array: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();
+        array.set(0, cfg, 0).unwrap();
+    }
+
+    /// Node A: 192.168.50.1, subnet 10.244.1.0/24, VtepMAC VTEP_A.
+    fn be_node_a(&mut self, flags: u32) {
+        let cfg = Config {
+            public_ip_be: be(NODE_A_IP),
+            subnet_be: be(Ipv4Addr::new(10, 244, 1, 0)),
+            subnet_mask_be: mask(24),
+            vni: VNI,
+            underlay_ifindex: self.underlay_ifindex,
+            vxlan_ifindex: VXLAN_IFINDEX,
+            underlay_mtu: 1500,
+            flags,
+            port_be: PORT.to_be(),
+            vtep_mac: VTEP_A,
+        };
+        self.config(cfg);
+    }
+
+    /// Node B: 192.168.50.2, subnet 10.244.2.0/24, VtepMAC VTEP_B (to decap what A sent).
+    fn be_node_b(&mut self) {
+        let cfg = Config {
+            public_ip_be: be(NODE_B_IP),
+            subnet_be: be(Ipv4Addr::new(10, 244, 2, 0)),
+            subnet_mask_be: mask(24),
+            vni: VNI,
+            underlay_ifindex: self.underlay_ifindex,
+            vxlan_ifindex: VXLAN_IFINDEX,
+            underlay_mtu: 1500,
+            flags: FLAG_PEERS_SYNCED,
+            port_be: PORT.to_be(),
+            vtep_mac: VTEP_B,
+        };
+        self.config(cfg);
+    }
+
+    fn set_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, mac: [u8; 6], slot: u32) {
+        let mut trie: LpmTrie<_, u32, Peer> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_PEERS).unwrap()).unwrap();
+        trie.insert(
+            &Key::new(u32::from(len), be(net)),
+            Peer {
+                public_ip_be: be(ip),
+                index: slot,
+                vtep_mac: mac,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .unwrap();
+        let mut sources: HashMap<_, u32, PeerSource> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SOURCES).unwrap()).unwrap();
+        sources
+            .insert(
+                be(ip),
+                PeerSource {
+                    subnet_be: be(net),
+                    mask_be: mask(len),
+                    index: slot,
+                    _pad: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+
+    /// Runs `prog` on `frame`; returns the verdict and the output frame.
+    fn run_ctx(&mut self, prog: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
+        self.try_run_ctx(prog, frame, ctx)
+            .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e}", frame.len()))
+    }
+
+    /// Like [`Lab::run_ctx`], but returns test_run's refusal (the kernel rejects, for
+    /// example, IPv4 frames shorter than an IPv4 header before running anything).
+    fn try_run_ctx(
+        &mut self,
+        prog: &str,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+    ) -> Result<(u32, Vec<u8>), String> {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx,
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs a truncated frame: the program must pass it unchanged, or test_run refuses
+    /// it up front (only allowed below the end of the outer IPv4 header).
+    #[track_caller]
+    fn expect_truncated(&mut self, prog: &str, frame: &[u8]) {
+        match self.try_run_ctx(prog, frame, None) {
+            Ok((verdict, out)) => {
+                assert_eq!(verdict, TC_ACT_OK, "truncated to {}", frame.len());
+                assert_eq!(out, frame, "truncated to {}: changed", frame.len());
+            }
+            Err(e) => assert!(
+                frame.len() < 34,
+                "test_run refused a {}-byte frame: {e}",
+                frame.len()
+            ),
+        }
+    }
+
+    fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_ctx(prog, frame, None)
+    }
+
+    fn reasons(&self) -> Vec<u64> {
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).unwrap()).unwrap();
+        (0..reason::COUNT)
+            .map(|i| counters.get(&i, 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    fn peer_counters(&self, slot: u32) -> PeerCounters {
+        let counters: PerCpuArray<_, PeerCounters> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_PEER_COUNTERS).unwrap()).unwrap();
+        counters
+            .get(&slot, 0)
+            .unwrap()
+            .iter()
+            .fold(PeerCounters::default(), |a, c| a.add(*c))
+    }
+
+    /// Runs `prog` on `frame` and asserts the verdict and which reason counter moved.
+    #[track_caller]
+    fn expect(&mut self, what: &str, prog: &str, frame: &[u8], verdict: u32, why: Option<u32>) {
+        self.expect_ctx(what, prog, frame, None, verdict, why);
+    }
+
+    #[track_caller]
+    fn expect_ctx(
+        &mut self,
+        what: &str,
+        prog: &str,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+        verdict: u32,
+        why: Option<u32>,
+    ) {
+        let before = self.reasons();
+        let (got, out) = self.run_ctx(prog, frame, ctx);
+        assert_eq!(got, verdict, "{what}: verdict");
+        let after = self.reasons();
+        let moved: Vec<u32> = (0..reason::COUNT)
+            .filter(|&i| after[i as usize] != before[i as usize])
+            .collect();
+        let expected: Vec<u32> = why.into_iter().collect();
+        assert_eq!(
+            moved,
+            expected,
+            "{what}: reason counters moved: {:?}",
+            moved
+                .iter()
+                .map(|i| reason::NAMES[*i as usize])
+                .collect::<Vec<_>>()
+        );
+        if verdict != TC_ACT_REDIRECT {
+            assert_eq!(
+                out, frame,
+                "{what}: a packet not forwarded must be unchanged"
+            );
+        }
+    }
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `c` is a NUL-terminated string alive for the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+// ---------------------------------------------------------------------------------------
+// Frame builders, written independently of the programs.
+// ---------------------------------------------------------------------------------------
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(14);
+    v.extend_from_slice(&dst);
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&proto.to_be_bytes());
+    v
+}
+
+#[derive(Clone, Copy)]
+struct Ip {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    tos: u8,
+    id: u16,
+    frag: u16,
+    ttl: u8,
+    ihl: u8,
+}
+
+impl Ip {
+    fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
+        Ip {
+            src,
+            dst,
+            proto,
+            tos: 0,
+            id: 0x1234,
+            frag: 0x4000,
+            ttl: 64,
+            ihl: 5,
+        }
+    }
+
+    fn bytes(&self, payload: &[u8]) -> Vec<u8> {
+        let hl = usize::from(self.ihl) * 4;
+        let mut h = vec![0u8; hl];
+        h[0] = 0x40 | self.ihl;
+        h[1] = self.tos;
+        h[2..4].copy_from_slice(&((hl + payload.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&self.id.to_be_bytes());
+        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        h[8] = self.ttl;
+        h[9] = self.proto;
+        h[12..16].copy_from_slice(&self.src.octets());
+        h[16..20].copy_from_slice(&self.dst.octets());
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(payload);
+        h
+    }
+}
+
+/// An ICMP echo request of `n` payload bytes.
+fn icmp(n: usize) -> Vec<u8> {
+    let mut v = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    v.extend((0..n).map(|i| i as u8));
+    let c = checksum(&v);
+    v[2..4].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+/// The frame the kernel hands to flannel.1's TC egress for pod A → pod B.
+fn inner_frame(ip: Ip, payload_len: usize) -> Vec<u8> {
+    let mut f = eth(VTEP_B, VTEP_A, 0x0800);
+    f.extend(ip.bytes(&icmp(payload_len)));
+    f
+}
+
+/// A VXLAN frame on the underlay: `outer` carries UDP to `dport` with `vxlan` + `inner`.
+fn vxlan_frame(outer: Ip, sport: u16, dport: u16, vxlan: [u8; 8], inner: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + 8 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&vxlan);
+    udp.extend_from_slice(inner);
+    let mut f = eth([0x02, 0, 0, 0, 0, 0xa1], NEXT_HOP_MAC, 0x0800);
+    f.extend(outer.bytes(&udp));
+    f
+}
+
+fn vxlan_hdr(vni: u32) -> [u8; 8] {
+    let v = vni.to_be_bytes();
+    [0x08, 0, 0, 0, v[1], v[2], v[3], 0]
+}
+
+/// A valid VXLAN frame from node B to node A carrying pod B → pod A.
+fn from_b(inner_src: Ipv4Addr, inner_dst: Ipv4Addr) -> (Vec<u8>, Vec<u8>) {
+    let mut inner = eth(VTEP_A, VTEP_B, 0x0800);
+    inner.extend(Ip::new(inner_src, inner_dst, 1).bytes(&icmp(40)));
+    let outer = Ip {
+        frag: 0,
+        ..Ip::new(NODE_B_IP, NODE_A_IP, 17)
+    };
+    (
+        vxlan_frame(outer, 40000, PORT, vxlan_hdr(VNI), &inner),
+        inner,
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Encap
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn encap_output_byte_for_byte() {
+    let Some(mut lab) = Lab::new("encap_output_byte_for_byte") else {
+        return;
+    };
+    let inner = inner_frame(Ip::new(POD_A, POD_B, 1), 56);
+    let (verdict, out) = lab.run(PROG_ENCAP, &inner);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "encap redirects to the underlay; reasons {:?}",
+        lab.reasons()
+    );
+    assert_eq!(out.len(), inner.len() + 50);
+
+    // Random per packet: the IP id; flow hash dependent: the UDP source port.
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    assert!(
+        (32768..61000).contains(&sport),
+        "source port {sport} outside the ephemeral range"
+    );
+
+    let mut expected = eth(NEXT_HOP_MAC, lab.underlay_mac, 0x0800);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&PORT.to_be_bytes());
+    udp.extend_from_slice(&((8 + 8 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // UDP checksum 0 (IPv4)
+    udp.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]); // I flag, VNI 1
+    udp.extend_from_slice(&inner);
+    let outer = Ip {
+        id,
+        frag: 0, // DF clear, like the kernel's flannel.1
+        ..Ip::new(NODE_A_IP, NODE_B_IP, 17)
+    };
+    expected.extend(outer.bytes(&udp));
+    assert_eq!(out, expected, "encapsulated frame");
+    assert_eq!(checksum(&out[14..34]), 0, "outer IPv4 header checksum");
+
+    let c = lab.peer_counters(SLOT_B);
+    assert_eq!(c.tx_packets, 1);
+    assert_eq!(c.tx_bytes, inner.len() as u64);
+    assert_eq!(c.rx_packets, 0);
+
+    // The same flow gets the same source port; ECN is copied per RFC 6040.
+    let ect = inner_frame(
+        Ip {
+            tos: 0x02,
+            ..Ip::new(POD_A, POD_B, 1)
+        },
+        56,
+    );
+    let (_, out2) = lab.run(PROG_ENCAP, &inner);
+    assert_eq!(u16::from_be_bytes([out2[34], out2[35]]), sport);
+    let (_, out3) = lab.run(PROG_ENCAP, &ect);
+    assert_eq!(out3[15], 0x02, "outer ECN copies inner ECT(0)");
+}
+
+#[test]
+fn encap_hands_the_rest_to_the_kernel() {
+    let Some(mut lab) = Lab::new("encap_hands_the_rest_to_the_kernel") else {
+        return;
+    };
+    let ok = inner_frame(Ip::new(POD_A, POD_B, 1), 56);
+
+    lab.expect(
+        "no peer",
+        PROG_ENCAP,
+        &inner_frame(Ip::new(POD_A, Ipv4Addr::new(10, 244, 9, 1), 1), 56),
+        TC_ACT_OK,
+        Some(reason::PASS_NO_PEER),
+    );
+    lab.expect(
+        "fragment",
+        PROG_ENCAP,
+        &inner_frame(
+            Ip {
+                frag: 0x2000,
+                ..Ip::new(POD_A, POD_B, 1)
+            },
+            56,
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_FRAGMENT),
+    );
+    let mut v6 = ok.clone();
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    lab.expect(
+        "IPv6",
+        PROG_ENCAP,
+        &v6,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_IPV4),
+    );
+    let mut arp = ok.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    lab.expect(
+        "ARP",
+        PROG_ENCAP,
+        &arp,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_IPV4),
+    );
+    // 1464 bytes is the largest flannel.1 frame (MTU 1450): it fits; one more does not.
+    let max = inner_frame(Ip::new(POD_A, POD_B, 1), 1464 - 14 - 20 - 8);
+    assert_eq!(max.len(), 1464);
+    assert_eq!(lab.run(PROG_ENCAP, &max).0, TC_ACT_REDIRECT);
+    let big = inner_frame(Ip::new(POD_A, POD_B, 1), 1465 - 14 - 20 - 8);
+    lab.expect(
+        "oversize",
+        PROG_ENCAP,
+        &big,
+        TC_ACT_OK,
+        Some(reason::PASS_OVERSIZE),
+    );
+    // Truncated at every byte from the Ethernet header (test_run needs 14 bytes) to the
+    // end of the IPv4 header.
+    for len in 14..34 {
+        lab.expect_truncated(PROG_ENCAP, &ok[..len]);
+    }
+    // No peer route for the PublicIP (neighbour gone is fine: redirect_neigh resolves).
+    lab.set_peer(
+        Ipv4Addr::new(10, 244, 7, 0),
+        24,
+        Ipv4Addr::new(203, 0, 113, 9),
+        VTEP_B,
+        7,
+    );
+    lab.expect(
+        "no route to the peer",
+        PROG_ENCAP,
+        &inner_frame(Ip::new(POD_A, Ipv4Addr::new(10, 244, 7, 1), 1), 56),
+        TC_ACT_OK,
+        Some(reason::PASS_NO_ROUTE),
+    );
+    lab.set_peer(
+        Ipv4Addr::new(10, 244, 8, 0),
+        24,
+        Ipv4Addr::new(192, 168, 50, 8),
+        VTEP_B,
+        8,
+    );
+    let (verdict, _) = lab.run(
+        PROG_ENCAP,
+        &inner_frame(Ip::new(POD_A, Ipv4Addr::new(10, 244, 8, 1), 1), 56),
+    );
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "unresolved neighbour: redirect_neigh"
+    );
+
+    // Forwarding disabled: the FIB helper refuses, the kernel routes in redirect_neigh.
+    lab._ns
+        .exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=0"]);
+    let (verdict, _) = lab.run(PROG_ENCAP, &ok);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "forwarding off: redirect_neigh");
+
+    // Before the agent writes a configuration, everything passes.
+    lab.config(Config::default());
+    lab.expect(
+        "no config",
+        PROG_ENCAP,
+        &ok,
+        TC_ACT_OK,
+        Some(reason::PASS_NO_CONFIG),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Decap
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn encap_decap_round_trip() {
+    let Some(mut lab) = Lab::new("encap_decap_round_trip") else {
+        return;
+    };
+    let inner = inner_frame(Ip::new(POD_A, POD_B, 1), 100);
+    let (verdict, wire) = lab.run(PROG_ENCAP, &inner);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    lab.be_node_b();
+    let (verdict, out) = lab.run(PROG_DECAP, &wire);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "decap redirects to flannel.1");
+    assert_eq!(out, inner, "decap(encap(frame)) == frame");
+    let c = lab.peer_counters(SLOT_A);
+    assert_eq!((c.rx_packets, c.rx_bytes), (1, inner.len() as u64));
+}
+
+#[test]
+fn decap_verdicts() {
+    let Some(mut lab) = Lab::new("decap_verdicts") else {
+        return;
+    };
+    let (good, inner) = from_b(POD_B, POD_A);
+    let (verdict, out) = lab.run(PROG_DECAP, &good);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, inner);
+    let c = lab.peer_counters(SLOT_B);
+    assert_eq!((c.rx_packets, c.rx_bytes), (1, inner.len() as u64));
+
+    // Truncated at every byte up to the end of the inner IPv4 header: never forwarded,
+    // never a crash. Before the UDP header the frame is not recognisably VXLAN (not
+    // counted); from there on it is a bad header.
+    for len in 14..good.len() {
+        lab.expect_truncated(PROG_DECAP, &good[..len]);
+    }
+    lab.expect(
+        "truncated inside the VXLAN header",
+        PROG_DECAP,
+        &good[..46],
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+
+    let mut inner_ok = eth(VTEP_A, VTEP_B, 0x0800);
+    inner_ok.extend(Ip::new(POD_B, POD_A, 1).bytes(&icmp(40)));
+    let udp_to_us = Ip {
+        frag: 0,
+        ..Ip::new(NODE_B_IP, NODE_A_IP, 17)
+    };
+    let with = |outer: Ip, dport: u16, vx: [u8; 8]| vxlan_frame(outer, 40000, dport, vx, &inner_ok);
+
+    // Outer IHL 6: an options word between IPv4 and UDP.
+    let ihl6 = with(
+        Ip {
+            ihl: 6,
+            ..udp_to_us
+        },
+        PORT,
+        vxlan_hdr(VNI),
+    );
+    lab.expect(
+        "IHL 6",
+        PROG_DECAP,
+        &ihl6,
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+    lab.expect(
+        "outer fragment (MF)",
+        PROG_DECAP,
+        &with(
+            Ip {
+                frag: 0x2000,
+                ..udp_to_us
+            },
+            PORT,
+            vxlan_hdr(VNI),
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_FRAGMENT),
+    );
+    lab.expect(
+        "outer fragment (offset)",
+        PROG_DECAP,
+        &with(
+            Ip {
+                frag: 0x0010,
+                ..udp_to_us
+            },
+            PORT,
+            vxlan_hdr(VNI),
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_FRAGMENT),
+    );
+    lab.expect(
+        "wrong VNI",
+        PROG_DECAP,
+        &with(udp_to_us, PORT, vxlan_hdr(2)),
+        TC_ACT_OK,
+        Some(reason::PASS_OTHER_VNI),
+    );
+    lab.expect(
+        "VXLAN flags other than I",
+        PROG_DECAP,
+        &with(udp_to_us, PORT, [0x0c, 0, 0, 0, 0, 0, 1, 0]),
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+    lab.expect(
+        "wrong port (not ours, not counted)",
+        PROG_DECAP,
+        &with(udp_to_us, 4789, vxlan_hdr(VNI)),
+        TC_ACT_OK,
+        None,
+    );
+    lab.expect(
+        "another destination (not ours)",
+        PROG_DECAP,
+        &with(
+            Ip {
+                dst: Ipv4Addr::new(192, 168, 50, 77),
+                ..udp_to_us
+            },
+            PORT,
+            vxlan_hdr(VNI),
+        ),
+        TC_ACT_OK,
+        None,
+    );
+    let mut v6 = good.clone();
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    lab.expect("outer IPv6", PROG_DECAP, &v6, TC_ACT_OK, None);
+    let mut bad_len = good.clone();
+    bad_len[38..40].copy_from_slice(&100u16.to_be_bytes());
+    lab.expect(
+        "UDP length mismatch",
+        PROG_DECAP,
+        &bad_len,
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+
+    // Anti-spoofing.
+    lab.expect(
+        "spoofed outer source",
+        PROG_DECAP,
+        &with(
+            Ip {
+                src: Ipv4Addr::new(192, 168, 50, 99),
+                ..udp_to_us
+            },
+            PORT,
+            vxlan_hdr(VNI),
+        ),
+        TC_ACT_SHOT,
+        Some(reason::DROP_UNKNOWN_SOURCE),
+    );
+    let (spoofed_inner, _) = from_b(Ipv4Addr::new(10, 244, 3, 4), POD_A);
+    lab.expect(
+        "spoofed inner source",
+        PROG_DECAP,
+        &spoofed_inner,
+        TC_ACT_SHOT,
+        Some(reason::DROP_INNER_SOURCE),
+    );
+    // Anti-spoofing runs before the GSO hand-off too.
+    let gso = skb_ctx_with_gso(1400, 2);
+    lab.expect_ctx(
+        "GSO aggregate",
+        PROG_DECAP,
+        &good,
+        Some(&gso),
+        TC_ACT_OK,
+        Some(reason::PASS_GSO),
+    );
+    lab.expect_ctx(
+        "spoofed inner source in a GSO aggregate",
+        PROG_DECAP,
+        &spoofed_inner,
+        Some(&gso),
+        TC_ACT_SHOT,
+        Some(reason::DROP_INNER_SOURCE),
+    );
+
+    // Valid peer, but not for us to deliver.
+    let (not_local, _) = from_b(POD_B, Ipv4Addr::new(10, 244, 5, 5));
+    lab.expect(
+        "inner destination outside our subnet",
+        PROG_DECAP,
+        &not_local,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_LOCAL),
+    );
+    let mut other_mac = good.clone();
+    other_mac[50..56].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+    lab.expect(
+        "inner destination MAC not our VtepMAC",
+        PROG_DECAP,
+        &other_mac,
+        TC_ACT_OK,
+        Some(reason::PASS_OTHER_MAC),
+    );
+    lab.expect(
+        "outer ECN CE",
+        PROG_DECAP,
+        &with(
+            Ip {
+                tos: 0x03,
+                ..udp_to_us
+            },
+            PORT,
+            vxlan_hdr(VNI),
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_ECN_CE),
+    );
+    let mut inner_v6 = good.clone();
+    inner_v6[62..64].copy_from_slice(&0x86ddu16.to_be_bytes());
+    lab.expect(
+        "inner IPv6",
+        PROG_DECAP,
+        &inner_v6,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_IPV4),
+    );
+
+    // Before the first full peer sync, unknown sources go to the kernel (flannel's
+    // behaviour) instead of being dropped.
+    lab.be_node_a(0);
+    lab.expect(
+        "unknown source before the first sync",
+        PROG_DECAP,
+        &with(
+            Ip {
+                src: Ipv4Addr::new(192, 168, 50, 99),
+                ..udp_to_us
+            },
+            PORT,
+            vxlan_hdr(VNI),
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_SYNCED),
+    );
+}
+
+/// A `struct __sk_buff` for `ctx_in` with only `gso_size` and `gso_segs` set.
+fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
+    // uapi/linux/bpf.h: sizeof(struct __sk_buff) == 192, gso_segs at 164, gso_size at 176.
+    let mut ctx = vec![0u8; 192];
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
