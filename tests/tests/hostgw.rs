@@ -1,0 +1,190 @@
+//! Routing without encapsulation: the host-gw backend (a route per peer via its PublicIP,
+//! re-added within flannel's 10 s check when deleted) and vxlan DirectRouting (on-link
+//! peers get the same plain route, with no neighbour or FDB entry on flannel.1).
+
+use std::time::Duration;
+
+use flannel_tests::{
+    Container, Etcd, NetNs, OverlayHost, Underlay, require_binary, require_root, wait_until,
+};
+
+const PREFIX: &str = "/coreos.com/network";
+const READY: Duration = Duration::from_secs(30);
+const CONVERGE: Duration = Duration::from_secs(15);
+
+struct Cluster {
+    hosts: Vec<OverlayHost>,
+    etcd: Etcd,
+    _underlay: Underlay,
+    _tmp: tempfile::TempDir,
+}
+
+fn cluster(test: &str, n: usize, config: &str) -> Option<Cluster> {
+    if !require_root(test) || !require_binary("etcd", test) {
+        return None;
+    }
+    let mut underlay = Underlay::new("10.99.0");
+    let etcd = Etcd::start_in(underlay.ns(), underlay.gateway().into());
+    etcd.put(&format!("{PREFIX}/config"), config);
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts = (0..n)
+        .map(|i| OverlayHost::new(&mut underlay, i, tmp.path()))
+        .collect();
+    Some(Cluster {
+        hosts,
+        etcd,
+        _underlay: underlay,
+        _tmp: tmp,
+    })
+}
+
+fn routes(ns: &NetNs) -> String {
+    ns.ip(&["-4", "route", "show"])
+}
+
+fn wait_route(ns: &NetNs, line: &str, timeout: Duration) {
+    if wait_until(timeout, || routes(ns).contains(line).then_some(())).is_none() {
+        panic!("no route {line:?} within {timeout:?}:\n{}", routes(ns));
+    }
+}
+
+#[test]
+fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
+    let test = "host_gw_routes_via_public_ip_carry_traffic_and_are_restored";
+    let Some(c) = cluster(
+        test,
+        2,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    ) else {
+        return;
+    };
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let mut fa = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
+    let mut fb = b.flanneld(&c.etcd, &[]);
+    fa.expect_log("flanneld is ready", READY);
+    fb.expect_log("flanneld is ready", READY);
+    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+    let env = std::fs::read_to_string(a.subnet_file()).unwrap();
+    assert!(env.contains("FLANNEL_MTU=1500"), "{env}");
+    let lease = c
+        .etcd
+        .get(&format!("{PREFIX}/subnets/{}", sa.replace('/', "-")))
+        .unwrap();
+    assert_eq!(
+        lease,
+        format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+            a.ip
+        )
+    );
+
+    let route_a = format!("{sb} via {} dev eth0", b.ip);
+    let route_b = format!("{sa} via {} dev eth0", a.ip);
+    wait_route(&a.ns, &route_a, CONVERGE);
+    wait_route(&b.ns, &route_b, CONVERGE);
+    assert!(
+        a.ns.exec(&["ip", "link", "show", "flannel.1"])
+            .status
+            .code()
+            != Some(0),
+        "host-gw created a vxlan device"
+    );
+
+    let ca = Container::new(a, &sa);
+    let cb = Container::new(b, &sb);
+    assert!(ca.can_ping(cb.ip, Duration::from_secs(10)), "A→B ping");
+    assert!(cb.can_ping(ca.ip, Duration::from_secs(10)), "B→A ping");
+
+    // Deleted by someone: back within flannel's 10 s check (plus slack for a loaded box).
+    a.ns.ip(&["route", "del", &sb]);
+    assert!(!routes(&a.ns).contains(&route_a));
+    wait_route(&a.ns, &route_a, Duration::from_secs(15));
+    fa.expect_log("route recovered", Duration::from_secs(5));
+    assert!(ca.can_ping(cb.ip, Duration::from_secs(10)), "ping after");
+
+    // A stale route of ours (a gateway route into the network on eth0) that no peer wants
+    // is removed at the next check; routes outside the network are never touched.
+    a.ns.ip(&[
+        "route",
+        "add",
+        "10.5.250.0/24",
+        "via",
+        "10.99.0.77",
+        "dev",
+        "eth0",
+    ]);
+    a.ns.ip(&[
+        "route",
+        "add",
+        "10.77.0.0/24",
+        "via",
+        "10.99.0.77",
+        "dev",
+        "eth0",
+    ]);
+    if wait_until(Duration::from_secs(15), || {
+        (!routes(&a.ns).contains("10.5.250.0/24")).then_some(())
+    })
+    .is_none()
+    {
+        panic!("stale route kept:\n{}", routes(&a.ns));
+    }
+    assert!(routes(&a.ns).contains("10.77.0.0/24 via 10.99.0.77"));
+    assert!(routes(&a.ns).contains(&route_a));
+}
+
+#[test]
+fn host_gw_refuses_a_nat_public_ip() {
+    let test = "host_gw_refuses_a_nat_public_ip";
+    let Some(c) = cluster(
+        test,
+        1,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    ) else {
+        return;
+    };
+    let mut f = c.hosts[0].flanneld(&c.etcd, &["--public-ip=203.0.113.9"]);
+    let status = wait_until(READY, || f.try_wait()).expect("flanneld kept running");
+    assert!(!status.success());
+    assert!(
+        f.log().contains("your PublicIP differs from interface IP"),
+        "{}",
+        f.log()
+    );
+}
+
+#[test]
+fn direct_routing_uses_plain_routes_for_on_link_peers() {
+    let test = "direct_routing_uses_plain_routes_for_on_link_peers";
+    let Some(c) = cluster(
+        test,
+        2,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+    ) else {
+        return;
+    };
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let mut fa = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
+    let mut fb = b.flanneld(&c.etcd, &["--dataplane=kernel"]);
+    fa.expect_log("flanneld is ready", READY);
+    fb.expect_log("flanneld is ready", READY);
+    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+
+    wait_route(&a.ns, &format!("{sb} via {} dev eth0", b.ip), CONVERGE);
+    wait_route(&b.ns, &format!("{sa} via {} dev eth0", a.ip), CONVERGE);
+    // flannel.1 exists (for peers that are not on-link) but holds nothing for B.
+    let neigh = a.ns.ip(&["-4", "neigh", "show", "dev", "flannel.1"]);
+    assert!(neigh.trim().is_empty(), "{neigh}");
+    let fdb = a.ns.exec_ok(&["bridge", "fdb", "show", "dev", "flannel.1"]);
+    assert!(fdb.trim().is_empty(), "{fdb}");
+    assert!(
+        !routes(&a.ns).contains("dev flannel.1"),
+        "{}",
+        routes(&a.ns)
+    );
+
+    let ca = Container::new(a, &sa);
+    let cb = Container::new(b, &sb);
+    assert!(ca.can_ping(cb.ip, Duration::from_secs(10)), "A→B ping");
+    assert!(cb.can_ping(ca.ip, Duration::from_secs(10)), "B→A ping");
+}
