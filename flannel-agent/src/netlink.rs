@@ -1197,6 +1197,54 @@ mod tests {
     }
 
     #[test]
+    fn route_message_round_trip() {
+        let dst: Ipv4Net = "10.5.3.0/24".parse().unwrap();
+        for r in [
+            Route::via(dst, Ipv4Addr::new(10, 5, 3, 0), 7, true),
+            Route::via(dst, Ipv4Addr::new(192, 168, 0, 3), 2, false),
+            Route::blackhole(dst),
+            Route {
+                metric: 100,
+                ..Route::via(dst, Ipv4Addr::new(192, 168, 0, 3), 2, false)
+            },
+        ] {
+            let msg = route_message(&r).unwrap();
+            assert_eq!(route_from_message(&msg), Some(r), "{r}");
+        }
+        assert_eq!(
+            route_message(&Route {
+                dst,
+                kind: RouteKind::Other,
+                metric: 0
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn fdb_destination_is_read_from_the_bridge_family() {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = 9;
+        m.header.state = NeighbourState::Permanent;
+        m.attributes = vec![
+            NeighbourAttribute::LinkLocalAddress(vec![2, 0, 0, 0, 0, 1]),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(vec![192, 168, 0, 3])),
+        ];
+        assert_eq!(
+            fdb_from_message(&m),
+            Some(FdbEntry {
+                dev: 9,
+                mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                dst: Some(Ipv4Addr::new(192, 168, 0, 3)),
+                permanent: true,
+            })
+        );
+        m.header.family = AddressFamily::Inet;
+        assert_eq!(fdb_from_message(&m), None);
+    }
+
+    #[test]
     fn default_route_detection() {
         let route = |prefix: u8, table: u8, attrs: Vec<RouteAttribute>| {
             let mut m = RouteMessage::default();

@@ -453,3 +453,31 @@ fn deleted_peer_loses_its_entries_and_comes_back_with_a_new_mac() {
     assert!(ca.can_ping(cb.ip, Duration::from_secs(10)), "ping after");
     assert!(cb.can_ping(ca.ip, Duration::from_secs(10)), "ping back");
 }
+
+#[test]
+fn blackhole_route_for_our_subnet_is_kept() {
+    let test = "blackhole_route_for_our_subnet_is_kept";
+    let Some(c) = cluster(test, 1, CONFIG) else {
+        return;
+    };
+    let h = &c.hosts[0];
+    let mut f = h.flanneld(
+        &c.etcd,
+        &[
+            "--dataplane=kernel",
+            "--ip-blackhole-route",
+            "--iptables-resync=1",
+        ],
+    );
+    f.expect_log("flanneld is ready", READY);
+    let subnet = h.leased_subnet(READY);
+    let line = format!("blackhole {subnet}");
+    assert!(routes(&h.ns).contains(&line), "{}", routes(&h.ns));
+    h.ns.ip(&["route", "del", "blackhole", &subnet]);
+    wait_for(
+        "blackhole route re-added",
+        Duration::from_secs(5),
+        || routes(&h.ns).contains(&line),
+        &h.ns,
+    );
+}
