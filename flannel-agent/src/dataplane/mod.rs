@@ -11,3 +11,5 @@ pub use ebpf::{
     DEFAULT_PIN_DIR, EbpfError, FastPathConfig, PeerEntry, VxlanFastPath, ebpf_object, probe,
 };
 pub use flannel_common::maps::PeerCounters;
+/// The subnet type of the fast path API ([`PeerEntry::subnet`], [`FastPathConfig::subnet`]).
+pub use ipnet::Ipv4Net;
