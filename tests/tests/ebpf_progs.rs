@@ -1355,3 +1355,60 @@ fn spoofed_vxlan_is_dropped() {
     );
     fp.detach_and_unpin().expect("detach");
 }
+
+#[test]
+fn probe_and_pinned_layouts() {
+    const TEST: &str = "probe_and_pinned_layouts";
+    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
+        skip(TEST, "requires root and a built BPF object");
+        return;
+    }
+    flannel_agent::dataplane::probe().expect("this kernel runs the fast path");
+    if !flannel_tests::require_binary("bpftool", TEST) {
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.95.0");
+    let a = Host::new(&mut ul, "la", 1, HOST_MAC_A);
+    let _inside = InNetns::enter(&a.ns);
+    let pin_dir = bpffs.pin_dir();
+    let layout = pin_dir.join(format!("v{}", flannel_common::LAYOUT_VERSION));
+    std::fs::create_dir_all(&layout).unwrap();
+    let bpftool_create = |path: &std::path::Path, value_size: &str| {
+        flannel_tests::run_ok(
+            std::process::Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(path)
+                .args([
+                    "type", "array", "key", "4", "value", value_size, "entries", "1", "name",
+                    "fltest",
+                ]),
+        );
+    };
+
+    // A pinned map of our layout version with other sizes is refused, not reused.
+    bpftool_create(&layout.join(MAP_CONFIG), "8");
+    let err = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone()))
+        .expect_err("a changed layout must not be adopted");
+    assert!(
+        matches!(
+            err,
+            flannel_agent::dataplane::EbpfError::LayoutMismatch { .. }
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(layout.join(MAP_CONFIG)).unwrap();
+
+    // Maps of another layout version are replaced, and their pins removed after attach.
+    let old = pin_dir.join("v0");
+    std::fs::create_dir_all(&old).unwrap();
+    bpftool_create(&old.join(MAP_CONFIG), "8");
+    let fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("attach");
+    assert!(!old.exists(), "old layout unpinned");
+    assert!(layout.join(MAP_PEERS).exists(), "new layout pinned");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&pin_dir).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "pin directory is root-only");
+    fp.detach_and_unpin().expect("detach");
+}
