@@ -892,6 +892,13 @@ mod tests {
         }
     }
 
+    /// The backend keeps the fast path in async tasks.
+    #[test]
+    fn fast_path_is_send() {
+        fn send<T: Send>() {}
+        send::<VxlanFastPath>();
+    }
+
     #[test]
     fn network_order_round_trip() {
         let ip = Ipv4Addr::new(10, 244, 1, 0);
