@@ -15,7 +15,7 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, str::FromStr as _};
 use aya::{
     Ebpf, TestRun, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, TcAttachType},
 };
 use flannel_agent::{
     dataplane::{FastPathConfig, Ipv4Net, VxlanFastPath},
@@ -1410,5 +1410,47 @@ fn probe_and_pinned_layouts() {
         &std::fs::metadata(&pin_dir).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o700, "pin directory is root-only");
+
+    // flannel.1 deleted and recreated while the agent is down: the pinned encap link is
+    // stale (its device is gone); a new attach replaces it on the new device.
+    drop(fp);
+    a.ns.ip(&["link", "del", "flannel.1"]);
+    a.ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "nolearning",
+        "local",
+        &a.public_ip.to_string(),
+        "dev",
+        "eth0",
+    ]);
+    a.ns.ip(&["link", "set", "flannel.1", "up"]);
+    let fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("re-attach");
+    assert_eq!(
+        tcx_programs("flannel.1", TcAttachType::Egress),
+        vec![PROG_ENCAP]
+    );
+    assert_eq!(
+        tcx_programs("eth0", TcAttachType::Ingress),
+        vec![PROG_DECAP]
+    );
     fp.detach_and_unpin().expect("detach");
+    assert!(tcx_programs("flannel.1", TcAttachType::Egress).is_empty());
+    assert!(tcx_programs("eth0", TcAttachType::Ingress).is_empty());
+}
+
+/// Names of the TCX programs on `ifname` (in the calling thread's namespace).
+fn tcx_programs(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
+    let (_, progs) = SchedClassifier::query_tcx(ifname, attach_type).expect("query tcx");
+    progs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect()
 }
