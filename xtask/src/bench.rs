@@ -16,6 +16,7 @@
 //! seen carrying it; otherwise it is reported "unavailable" with the reason. Nothing
 //! asserts speed: this is a benchmark, not a test.
 
+mod chart;
 mod measure;
 mod report;
 mod rows;
@@ -475,6 +476,9 @@ fn write_outputs(report: &Report, out: Option<PathBuf>) -> Result<()> {
     fs::write(&md, report.markdown())?;
     let json = dir.join("results.json");
     fs::write(&json, serde_json::to_string_pretty(report)? + "\n")?;
+    for (name, svg) in report.charts() {
+        fs::write(dir.join(name), svg)?;
+    }
     println!("\nwrote {} and {}", md.display(), json.display());
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::{
+    chart::{self, Series},
     measure::{Durations, Sample},
     rows::Row,
 };
@@ -285,20 +286,43 @@ impl Report {
             .collect()
     }
 
+    /// The sweep under `m`: per measured row, the median of `tcp_bw` (Gbit/s, when `bw`)
+    /// or `tcp_lat` (µs) at each message size.
+    pub fn sweep_medians(&self, m: Offloads, bw: bool) -> Vec<(Row, Vec<(u64, f64)>)> {
+        let mut out = Vec::new();
+        for r in self.results.iter().filter(|r| r.offloads == m) {
+            let mut sizes: Vec<u64> = r
+                .samples
+                .iter()
+                .flat_map(|s| s.sweep.iter().map(|p| p.msg_size))
+                .collect();
+            sizes.sort_unstable();
+            sizes.dedup();
+            let points: Vec<(u64, f64)> = sizes
+                .into_iter()
+                .filter_map(|size| {
+                    let values = r.samples.iter().flat_map(|s| {
+                        s.sweep
+                            .iter()
+                            .filter(|p| p.msg_size == size)
+                            .map(|p| if bw { p.bw_gbps } else { p.lat_us })
+                    });
+                    stats(values).map(|(med, _, _)| (size, med))
+                })
+                .collect();
+            if !points.is_empty() {
+                out.push((r.row, points));
+            }
+        }
+        out
+    }
+
     /// qperf over message sizes under `m`: a line per size, a column per dataplane.
     pub fn sweep_table(&self, m: Offloads, bw: bool) -> Option<Vec<Vec<String>>> {
-        let measured: Vec<&RowResult> = self
-            .results
+        let medians = self.sweep_medians(m, bw);
+        let mut sizes: Vec<u64> = medians
             .iter()
-            .filter(|r| r.offloads == m && r.samples.iter().any(|s| !s.sweep.is_empty()))
-            .collect();
-        let mut sizes: Vec<u64> = measured
-            .iter()
-            .flat_map(|r| {
-                r.samples
-                    .iter()
-                    .flat_map(|s| s.sweep.iter().map(|p| p.msg_size))
-            })
+            .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
             .collect();
         sizes.sort_unstable();
         sizes.dedup();
@@ -307,25 +331,19 @@ impl Report {
         }
         let mut table = vec![
             std::iter::once("msg_size".to_owned())
-                .chain(measured.iter().map(|r| r.row.name().to_owned()))
+                .chain(medians.iter().map(|(row, _)| row.name().to_owned()))
                 .collect(),
         ];
         for size in sizes {
             let mut line = vec![size.to_string()];
-            for r in &measured {
-                let values = r.samples.iter().flat_map(|s| {
-                    s.sweep
-                        .iter()
-                        .filter(|p| p.msg_size == size)
-                        .map(|p| if bw { p.bw_gbps } else { p.lat_us })
-                });
-                line.push(stats(values).map_or_else(
+            for (_, pts) in &medians {
+                line.push(pts.iter().find(|p| p.0 == size).map_or_else(
                     || "-".to_owned(),
-                    |(med, _, _)| {
+                    |&(_, v)| {
                         if bw {
-                            format!("{med:.3}")
+                            format!("{v:.3}")
                         } else {
-                            format!("{med:.1}")
+                            format!("{v:.1}")
                         }
                     },
                 ));
@@ -333,6 +351,32 @@ impl Report {
             table.push(line);
         }
         Some(table)
+    }
+
+    /// The sweep charts: (file name, SVG) per offload setting and figure.
+    pub fn charts(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for m in self.modes() {
+            for bw in [true, false] {
+                let series: Vec<Series> = self
+                    .sweep_medians(m, bw)
+                    .into_iter()
+                    .map(|(row, points)| Series {
+                        name: row.name().to_owned(),
+                        points,
+                    })
+                    .collect();
+                if series.is_empty() {
+                    continue;
+                }
+                let unit = if bw { "Gbit/s" } else { "µs" };
+                out.push((
+                    chart_file(m, bw),
+                    chart::svg(&sweep_title(m, bw), unit, &series),
+                ));
+            }
+        }
+        out
     }
 
     /// Everything, for the terminal.
@@ -400,6 +444,7 @@ impl Report {
             for bw in [true, false] {
                 if let Some(t) = self.sweep_table(mode, bw) {
                     let _ = writeln!(out, "\n## {}\n", sweep_title(mode, bw));
+                    let _ = writeln!(out, "![chart]({})\n", chart_file(mode, bw));
                     out += &markdown_table(&t);
                 }
             }
@@ -413,6 +458,15 @@ impl Report {
         }
         out
     }
+}
+
+/// The SVG next to report.md for a sweep figure.
+fn chart_file(m: Offloads, bw: bool) -> String {
+    format!(
+        "sweep-{}-offloads-{}.svg",
+        if bw { "tcp_bw" } else { "tcp_lat" },
+        m.name()
+    )
 }
 
 fn sweep_title(m: Offloads, bw: bool) -> String {
