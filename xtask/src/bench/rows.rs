@@ -10,7 +10,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{
-    topo::{Host, Proc, Subnet, Underlay, tail},
+    topo::{Host, Proc, Subnet, Underlay},
     wait_for,
 };
 
@@ -292,7 +292,10 @@ fn ready(
     };
     let outcome = wait_for("flanneld READY", Duration::from_secs(45), || {
         if let Some(status) = agent.exited() {
-            return Some(Err(format!("exited ({status}): {}", tail(&agent.log(), 3))));
+            return Some(Err(format!(
+                "exited ({status}): {}",
+                log_reason(&agent.log())
+            )));
         }
         is_ready().then_some(Ok(()))
     })?;
