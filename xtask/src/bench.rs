@@ -169,10 +169,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         .context("install the Ctrl-C handler")?;
     topo::clean_leftovers()?;
     warn_if_busy();
+    // Taken before the build: flanneld is built from the tree as it is now.
+    let meta_start = (date(), loadavg(), commit());
     let flanneld = build_flanneld(&plan.rows);
     let xtask = std::env::current_exe().context("locate the xtask binary")?;
     let dir = tempfile::Builder::new().prefix("flbench-").tempdir()?;
-    let meta_start = (date(), loadavg());
 
     let results = {
         let ul = Underlay::new(dir.path())?;
@@ -444,7 +445,25 @@ fn date() -> String {
         .unwrap_or_default()
 }
 
-fn meta(plan: &Plan, (date, loadavg_start): (String, String)) -> Meta {
+/// `git describe`-like: the short commit, `+dirty` with uncommitted changes.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        output(
+            std::process::Command::new("git")
+                .current_dir(crate::util::workspace_root())
+                .args(args),
+        )
+        .map(|o| o.trim().to_owned())
+    };
+    let Ok(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_ok_and(|s| !s.is_empty());
+    if dirty { format!("{head}+dirty") } else { head }
+}
+
+fn meta(plan: &Plan, (date, loadavg_start, commit): (String, String, String)) -> Meta {
     let cpu_model = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -460,6 +479,7 @@ fn meta(plan: &Plan, (date, loadavg_start): (String, String)) -> Meta {
             .unwrap_or_default(),
         cpus: cpus(),
         cpu_model,
+        commit,
         loadavg_start,
         loadavg_end: loadavg(),
         quick: plan.quick,

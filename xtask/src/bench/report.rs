@@ -55,6 +55,8 @@ pub struct Meta {
     pub kernel: String,
     pub cpus: usize,
     pub cpu_model: String,
+    /// The workspace's commit, `+dirty` when flanneld was built from uncommitted changes.
+    pub commit: String,
     /// /proc/loadavg before and after: a busy machine makes every figure noisy.
     pub loadavg_start: String,
     pub loadavg_end: String,
@@ -414,8 +416,8 @@ impl Report {
         let mut out = String::from("# flanneld dataplane benchmark\n\n");
         let _ = writeln!(
             out,
-            "{}; kernel {}; {} CPUs ({}); load average at start {}, at end {}.",
-            m.date, m.kernel, m.cpus, m.cpu_model, m.loadavg_start, m.loadavg_end
+            "{}; commit {}; kernel {}; {} CPUs ({}); load average at start {}, at end {}.",
+            m.date, m.commit, m.kernel, m.cpus, m.cpu_model, m.loadavg_start, m.loadavg_end
         );
         let _ = writeln!(
             out,
@@ -540,6 +542,7 @@ mod tests {
                 kernel: "k".into(),
                 cpus: 2,
                 cpu_model: "c".into(),
+                commit: "abc".into(),
                 loadavg_start: "0".into(),
                 loadavg_end: "0".into(),
                 quick: true,
