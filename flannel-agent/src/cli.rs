@@ -316,6 +316,11 @@ pub struct Flags {
     #[arg(long, default_value = "/var/lib/flannel")]
     pub state_dir: PathBuf,
 
+    /// bpffs directory where the eBPF dataplane pins its maps and links (one per
+    /// flanneld on a machine)
+    #[arg(long, default_value = "/sys/fs/bpf/flannel")]
+    pub bpf_pin_dir: PathBuf,
+
     #[command(flatten)]
     pub log: LogFlags,
 }

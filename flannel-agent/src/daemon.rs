@@ -19,7 +19,8 @@ use crate::{
     cli::Flags,
     config::{ConfigError, NetworkConfig, parse_config},
     host::{
-        health::{Health, HealthError, HealthServer},
+        health::{self, Health, HealthError, HealthServer},
+        status::{self, Status},
         notify,
         subnet_env::{self, SubnetEnv, SubnetEnvError},
         trafficmngr::{TrafficError, TrafficManager},
@@ -70,6 +71,14 @@ pub async fn run(flags: Flags) -> Result<(), DaemonError> {
         info!(%addr, "serving /healthz and /readyz");
         tokio::spawn(server.run(health.clone(), std::future::pending()));
     }
+    // `flanneld status` reads this socket; it works with the health port disabled.
+    let socket = status::socket_path(&flags.subnet_file);
+    let h = health.clone();
+    tokio::spawn(async move {
+        if let Err(e) = health::serve_unix(&socket, h, std::future::pending()).await {
+            warn!(error = %e, "flanneld status will not be available");
+        }
+    });
     tokio::select! {
         r = start(&flags, &health) => r,
         _ = term.recv() => {
@@ -219,12 +228,13 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
         iface::find_external_interface(&netlink, &iface::IfaceOptions::from_flags(flags)).await?;
     info!(iface = %ext.name, iface_addr = %ext.iface_addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
 
-    let mut backend = Backend::new(
+    let (mut backend, mut refused) = Backend::new(
         &cfg.backend,
         range.network,
         &ext,
         &flags.state_dir,
         flags.dataplane,
+        &flags.bpf_pin_dir,
     )?;
     let previous = match subnet_env::read_previous(&flags.subnet_file) {
         Ok(p) => p,
@@ -294,6 +304,25 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
     let mgr = Manager::new(reg, spec, lease, tx);
     let mut mgr_task = tokio::spawn(mgr.run());
 
+    // One line saying which dataplane carries traffic, and why each better one did not.
+    let st = backend.status();
+    refused.extend(st.refused.iter().cloned());
+    let why: Vec<String> = refused
+        .iter()
+        .map(|r| format!("{}: {}", r.dataplane, r.reason))
+        .collect();
+    info!(dataplane = %st.dataplane, backend = cfg.backend.type_name(), refused = ?why, "dataplane chosen");
+    let base = Status {
+        version: crate::cli::VERSION.to_owned(),
+        subnet: own_subnet.to_string(),
+        public_ip: ext.public_ip.to_string(),
+        network: range.network.to_string(),
+        backend: cfg.backend.type_name().to_owned(),
+        refused: refused.clone(),
+        ..Status::default()
+    };
+    publish(health, &base, &backend);
+
     health.set_ready(true);
     match notify::notify_ready() {
         Ok(true) => info!("notified systemd: READY=1"),
@@ -303,10 +332,13 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
     info!(subnet = %own_subnet, "flanneld is ready");
 
     let mut check = interval_after(backend::CHECK_PERIOD);
+    let mut status_tick = interval_after(STATUS_PERIOD);
+    let mut base = base;
+    let mut dirty = false;
     let mut blackhole_check = interval_after(Duration::from_secs(flags.iptables_resync.max(1)));
     loop {
         tokio::select! {
-            ev = rx.recv() => match ev {
+            ev = rx.recv() => match ev.inspect(|_| dirty = true) {
                 Some(ManagerEvent::Peers(evs)) => {
                     evs.iter().for_each(log_peer);
                     if let Err(e) = backend.peers(&netlink, &evs).await {
@@ -320,6 +352,7 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
                     }
                 }
                 Some(ManagerEvent::OwnLease(l)) => {
+                    base.subnet = l.subnet().to_string();
                     if let Err(e) = backend.own_lease(&netlink, l.subnet()).await {
                         error!(error = %e, "updating the backend for our new lease failed");
                     }
@@ -334,11 +367,17 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
                 }
                 None => break,
             },
+            // Every batch of peer changes is visible in `flanneld status` at once.
+            () = std::future::ready(()), if rx.is_empty() && dirty => {
+                dirty = false;
+                publish(health, &base, &backend);
+            }
             ev = next_link_event(&mut links) => {
                 if let Err(e) = backend.link_event(&netlink, &ev).await {
                     warn!(error = %e, "restoring the backend device failed, retrying at the next check");
                 }
             }
+            _ = status_tick.tick() => publish(health, &base, &backend),
             _ = check.tick() => {
                 if let Err(e) = backend.check(&netlink).await {
                     warn!(error = %e, "periodic backend check failed");
@@ -362,6 +401,27 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// How often counters are refreshed for `/metrics` and `flanneld status`.
+const STATUS_PERIOD: Duration = Duration::from_secs(2);
+
+/// Publishes the status snapshot: the fixed part plus the backend's live view.
+fn publish(health: &Health, base: &Status, backend: &Backend) {
+    let st = backend.status();
+    let mut refused = base.refused.clone();
+    for r in st.refused {
+        if !refused.contains(&r) {
+            refused.push(r);
+        }
+    }
+    health.set_status(Status {
+        dataplane: st.dataplane,
+        refused,
+        peers: st.peers,
+        verdicts: st.verdicts,
+        ..base.clone()
+    });
 }
 
 /// A tokio interval whose first tick is one period from now, and which does not burst

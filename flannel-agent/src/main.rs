@@ -14,7 +14,8 @@ use flannel_agent::{
 
 #[expect(
     clippy::print_stderr,
-    reason = "errors before logging exists, and --version"
+    clippy::print_stdout,
+    reason = "the subcommands' output, errors before logging exists, and --version"
 )]
 fn main() -> ExitCode {
     let cmd = match cli::parse(std::env::args(), |k| std::env::var(k).ok()) {

@@ -795,8 +795,11 @@ impl OverlayHost {
         let ip = underlay.attach(&ns, "eth0");
         ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let dir = root.join(format!("host{i}"));
-        fs::create_dir_all(&dir).expect("create host dir");
-        OverlayHost { ns, ip, dir }
+        let bpffs = dir.join("bpffs");
+        fs::create_dir_all(&bpffs).expect("create host dir");
+        let host = OverlayHost { ns, ip, dir };
+        run_ok(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs));
+        host
     }
 
     pub fn subnet_file(&self) -> PathBuf {
@@ -807,22 +810,121 @@ impl OverlayHost {
         self.dir.join("state")
     }
 
-    /// Starts flanneld in the host against `etcd` (`--iface=eth0`, our subnet file and
-    /// state dir, no health server), with `extra` flags; its log goes to a new file in the
-    /// host directory.
+    /// Starts flanneld in the host against `etcd` (`--iface=eth0`, our subnet file, state
+    /// dir and pin dir, no health server), with `extra` flags; its log goes to a new file
+    /// in the host directory.
     pub fn flanneld(&self, etcd: &Etcd, extra: &[&str]) -> Child {
+        self.flanneld_with_env(etcd, extra, &[])
+    }
+
+    /// [`OverlayHost::flanneld`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn flanneld_with_env(&self, etcd: &Etcd, extra: &[&str], env: &[(&str, &Path)]) -> Child {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let mut cmd = self.ns.command(flanneld_bin());
         cmd.arg(format!("--etcd-endpoints={}", etcd.endpoint()))
             .arg("--iface=eth0")
             .arg(format!("--subnet-file={}", self.subnet_file().display()))
             .arg(format!("--state-dir={}", self.state_dir().display()))
+            .arg(format!("--bpf-pin-dir={}", self.pin_dir().display()))
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let n = RUN.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.join(format!("flanneld-{n}.log"));
         Child::spawn_logged("flanneld", cmd, &log)
+    }
+
+    /// GETs `path` from flanneld's health server on 127.0.0.1:`port` inside the host.
+    pub fn http_get(&self, port: u16, path: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        );
+        String::from_utf8_lossy(&self.ns.exec(&["bash", "-c", &script]).stdout).into_owned()
+    }
+
+    /// `flanneld status --json` for this host's flanneld, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run(Command::new(flanneld_bin())
+            .arg("status")
+            .arg("--json")
+            .arg(format!("--subnet-file={}", self.subnet_file().display())));
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// This host's pin directory, on a private bpffs mounted in the host directory:
+    /// pins are machine-wide, not per network namespace, and tests leave /sys/fs/bpf alone.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.join("bpffs/flannel")
+    }
+
+    /// Configures the host exactly as Go flanneld would for its own lease `subnet` with
+    /// `mac`: the device, its MAC before it comes up, the `.0/32` address.
+    pub fn go_flannel_device(&self, subnet: &str, mac: &str) {
+        let ip = self.ip.to_string();
+        self.ns.ip(&[
+            "link",
+            "add",
+            "flannel.1",
+            "address",
+            mac,
+            "mtu",
+            "1450",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &ip,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ]);
+        let addr = format!("{}/32", host_addr(subnet, 0));
+        self.ns.ip(&["addr", "add", &addr, "dev", "flannel.1"]);
+        self.ns.ip(&["link", "set", "flannel.1", "up"]);
+    }
+
+    /// Go flanneld's entries for a peer, in its order: neigh, fdb, route.
+    pub fn go_flannel_peer(&self, subnet: &str, mac: &str, public: &str) {
+        let gw = host_addr(subnet, 0).to_string();
+        self.ns.ip(&[
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ]);
+        self.ns.exec_ok(&[
+            "bridge",
+            "fdb",
+            "replace",
+            mac,
+            "dev",
+            "flannel.1",
+            "self",
+            "dst",
+            public,
+            "permanent",
+        ]);
+        self.ns.ip(&[
+            "route",
+            "replace",
+            subnet,
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ]);
     }
 
     /// `FLANNEL_SUBNET` from subnet.env as the subnet (`10.5.7.1/24` → `10.5.7.0/24`),
@@ -835,6 +937,68 @@ impl OverlayHost {
             .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
             .unwrap_or_else(|| panic!("no FLANNEL_SUBNET in {text}"));
         subnet_of(sub)
+    }
+}
+
+/// The etcd prefix flanneld uses by default.
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
+
+/// `10.5.7.0/24` → the etcd key of that lease under [`ETCD_PREFIX`].
+pub fn lease_key(subnet: &str) -> String {
+    format!("{ETCD_PREFIX}/subnets/{}", subnet.replace('/', "-"))
+}
+
+/// The `VtepMAC` in the lease of `subnet`.
+pub fn vtep_mac_in_lease(etcd: &Etcd, subnet: &str) -> String {
+    let lease = etcd.get(&lease_key(subnet)).expect("lease exists");
+    let mac = lease
+        .split("\"VtepMAC\":\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no VtepMAC in {lease}"));
+    mac[..17].to_owned()
+}
+
+/// An underlay with etcd on it (config written) and `n` flanneld hosts attached.
+pub struct OverlayCluster {
+    // Dropped in order of declaration: hosts before the underlay holding etcd.
+    pub hosts: Vec<OverlayHost>,
+    pub etcd: Etcd,
+    pub underlay: Underlay,
+    _tmp: TempDir,
+}
+
+impl OverlayCluster {
+    /// Builds the cluster, or returns `None` after [`require_root`] / [`require_binary`]
+    /// skipped the test.
+    pub fn new(test: &str, n: usize, config: &str) -> Option<OverlayCluster> {
+        if !require_root(test) || !require_binary("etcd", test) {
+            return None;
+        }
+        let mut underlay = Underlay::new("10.99.0");
+        let etcd = Etcd::start_in(underlay.ns(), underlay.gateway().into());
+        etcd.put(&format!("{ETCD_PREFIX}/config"), config);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let hosts = (0..n)
+            .map(|i| OverlayHost::new(&mut underlay, i, tmp.path()))
+            .collect();
+        Some(OverlayCluster {
+            hosts,
+            etcd,
+            underlay,
+            _tmp: tmp,
+        })
+    }
+}
+
+impl Drop for OverlayHost {
+    fn drop(&mut self) {
+        // Pinned maps and links outlive flanneld on purpose; a test host's go with its
+        // private bpffs.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join("bpffs"))
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

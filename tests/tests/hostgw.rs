@@ -4,39 +4,10 @@
 
 use std::time::Duration;
 
-use flannel_tests::{
-    Container, Etcd, NetNs, OverlayHost, Underlay, require_binary, require_root, wait_until,
-};
+use flannel_tests::{Container, NetNs, OverlayCluster, lease_key, wait_until};
 
-const PREFIX: &str = "/coreos.com/network";
 const READY: Duration = Duration::from_secs(30);
 const CONVERGE: Duration = Duration::from_secs(15);
-
-struct Cluster {
-    hosts: Vec<OverlayHost>,
-    etcd: Etcd,
-    _underlay: Underlay,
-    _tmp: tempfile::TempDir,
-}
-
-fn cluster(test: &str, n: usize, config: &str) -> Option<Cluster> {
-    if !require_root(test) || !require_binary("etcd", test) {
-        return None;
-    }
-    let mut underlay = Underlay::new("10.99.0");
-    let etcd = Etcd::start_in(underlay.ns(), underlay.gateway().into());
-    etcd.put(&format!("{PREFIX}/config"), config);
-    let tmp = tempfile::tempdir().unwrap();
-    let hosts = (0..n)
-        .map(|i| OverlayHost::new(&mut underlay, i, tmp.path()))
-        .collect();
-    Some(Cluster {
-        hosts,
-        etcd,
-        _underlay: underlay,
-        _tmp: tmp,
-    })
-}
 
 fn routes(ns: &NetNs) -> String {
     ns.ip(&["-4", "route", "show"])
@@ -51,7 +22,7 @@ fn wait_route(ns: &NetNs, line: &str, timeout: Duration) {
 #[test]
 fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
     let test = "host_gw_routes_via_public_ip_carry_traffic_and_are_restored";
-    let Some(c) = cluster(
+    let Some(c) = OverlayCluster::new(
         test,
         2,
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
@@ -66,10 +37,7 @@ fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
     let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
     let env = std::fs::read_to_string(a.subnet_file()).unwrap();
     assert!(env.contains("FLANNEL_MTU=1500"), "{env}");
-    let lease = c
-        .etcd
-        .get(&format!("{PREFIX}/subnets/{}", sa.replace('/', "-")))
-        .unwrap();
+    let lease = c.etcd.get(&lease_key(&sa)).unwrap();
     assert_eq!(
         lease,
         format!(
@@ -136,7 +104,7 @@ fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
 #[test]
 fn host_gw_refuses_a_nat_public_ip() {
     let test = "host_gw_refuses_a_nat_public_ip";
-    let Some(c) = cluster(
+    let Some(c) = OverlayCluster::new(
         test,
         1,
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
@@ -156,7 +124,7 @@ fn host_gw_refuses_a_nat_public_ip() {
 #[test]
 fn direct_routing_uses_plain_routes_for_on_link_peers() {
     let test = "direct_routing_uses_plain_routes_for_on_link_peers";
-    let Some(c) = cluster(
+    let Some(c) = OverlayCluster::new(
         test,
         2,
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,

@@ -7,55 +7,13 @@
 use std::time::Duration;
 
 use flannel_tests::{
-    Container, Etcd, NetNs, OverlayHost, Underlay, host_addr, require_binary, require_root,
-    wait_until,
+    Container, NetNs, OverlayCluster, OverlayHost, host_addr, lease_key, require_binary,
+    vtep_mac_in_lease, wait_until,
 };
 
-const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const READY: Duration = Duration::from_secs(30);
 const CONVERGE: Duration = Duration::from_secs(15);
-
-struct Cluster {
-    // Dropped in reverse order of declaration: hosts before the underlay holding etcd.
-    hosts: Vec<OverlayHost>,
-    etcd: Etcd,
-    _underlay: Underlay,
-    _tmp: tempfile::TempDir,
-}
-
-fn cluster(test: &str, n: usize, config: &str) -> Option<Cluster> {
-    if !require_root(test) || !require_binary("etcd", test) {
-        return None;
-    }
-    let mut underlay = Underlay::new("10.99.0");
-    let etcd = Etcd::start_in(underlay.ns(), underlay.gateway().into());
-    etcd.put(&format!("{PREFIX}/config"), config);
-    let tmp = tempfile::tempdir().unwrap();
-    let hosts = (0..n)
-        .map(|i| OverlayHost::new(&mut underlay, i, tmp.path()))
-        .collect();
-    Some(Cluster {
-        hosts,
-        etcd,
-        _underlay: underlay,
-        _tmp: tmp,
-    })
-}
-
-/// `10.5.7.0/24` → the etcd key of that lease.
-fn lease_key(subnet: &str) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.replace('/', "-"))
-}
-
-fn vtep_mac_in_lease(etcd: &Etcd, subnet: &str) -> String {
-    let lease = etcd.get(&lease_key(subnet)).expect("lease exists");
-    let mac = lease
-        .split("\"VtepMAC\":\"")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no VtepMAC in {lease}"));
-    mac[..17].to_owned()
-}
 
 fn state_mac(host: &OverlayHost) -> String {
     std::fs::read_to_string(host.state_dir().join("flannel.1.mac"))
@@ -111,7 +69,7 @@ fn link_index(ns: &NetNs, dev: &str) -> String {
 #[test]
 fn flannel_1_matches_go_flannel_and_survives_restart() {
     let test = "flannel_1_matches_go_flannel_and_survives_restart";
-    let Some(c) = cluster(test, 1, CONFIG) else {
+    let Some(c) = OverlayCluster::new(test, 1, CONFIG) else {
         return;
     };
     let h = &c.hosts[0];
@@ -191,86 +149,13 @@ fn flannel_1_matches_go_flannel_and_survives_restart() {
     assert!(f.log().contains("incompatible"), "{}", f.log());
 }
 
-/// Configures `host` exactly as Go flanneld would for its own lease `subnet` with `mac`:
-/// the device, its MAC before it comes up, the `.0/32` address.
-fn go_flannel_device(host: &OverlayHost, subnet: &str, mac: &str) {
-    let ns = &host.ns;
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "address",
-        mac,
-        "mtu",
-        "1450",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &host.ip.to_string(),
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ]);
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/32", host_addr(subnet, 0)),
-        "dev",
-        "flannel.1",
-    ]);
-    ns.ip(&["link", "set", "flannel.1", "up"]);
-}
-
-/// Go flanneld's per-peer entries, in its order: neigh, fdb, route.
-fn go_flannel_peer(host: &OverlayHost, subnet: &str, mac: &str, public: &str) {
-    let gw = host_addr(subnet, 0).to_string();
-    let ns = &host.ns;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &gw,
-        "lladdr",
-        mac,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    ns.exec_ok(&[
-        "bridge",
-        "fdb",
-        "replace",
-        mac,
-        "dev",
-        "flannel.1",
-        "self",
-        "dst",
-        public,
-        "permanent",
-    ]);
-    ns.ip(&[
-        "route",
-        "replace",
-        subnet,
-        "via",
-        &gw,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
-}
-
 #[test]
 fn interop_with_a_go_flannel_shaped_kernel_peer() {
     let test = "interop_with_a_go_flannel_shaped_kernel_peer";
     if !require_binary("iperf3", test) {
         return;
     }
-    let Some(c) = cluster(test, 2, CONFIG) else {
+    let Some(c) = OverlayCluster::new(test, 2, CONFIG) else {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -285,13 +170,13 @@ fn interop_with_a_go_flannel_shaped_kernel_peer() {
             b.ip
         ),
     );
-    go_flannel_device(b, b_subnet, b_mac);
+    b.go_flannel_device(b_subnet, b_mac);
 
     let mut f = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
     f.expect_log("flanneld is ready", READY);
     let a_subnet = a.leased_subnet(READY);
     let a_mac = vtep_mac_in_lease(&c.etcd, &a_subnet);
-    go_flannel_peer(b, &a_subnet, &a_mac, &a.ip.to_string());
+    b.go_flannel_peer(&a_subnet, &a_mac, &a.ip.to_string());
 
     wait_for(
         "A's entries for B",
@@ -315,7 +200,7 @@ fn interop_with_a_go_flannel_shaped_kernel_peer() {
 #[test]
 fn restart_removes_peers_that_left_while_down() {
     let test = "restart_removes_peers_that_left_while_down";
-    let Some(c) = cluster(test, 3, CONFIG) else {
+    let Some(c) = OverlayCluster::new(test, 3, CONFIG) else {
         return;
     };
     let mut fl: Vec<_> = c
@@ -359,7 +244,7 @@ fn restart_removes_peers_that_left_while_down() {
 #[test]
 fn deleted_device_is_recreated_with_peers_replayed() {
     let test = "deleted_device_is_recreated_with_peers_replayed";
-    let Some(c) = cluster(test, 2, CONFIG) else {
+    let Some(c) = OverlayCluster::new(test, 2, CONFIG) else {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -401,7 +286,7 @@ fn deleted_device_is_recreated_with_peers_replayed() {
 #[test]
 fn deleted_peer_loses_its_entries_and_comes_back_with_a_new_mac() {
     let test = "deleted_peer_loses_its_entries_and_comes_back_with_a_new_mac";
-    let Some(c) = cluster(test, 2, CONFIG) else {
+    let Some(c) = OverlayCluster::new(test, 2, CONFIG) else {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -457,7 +342,7 @@ fn deleted_peer_loses_its_entries_and_comes_back_with_a_new_mac() {
 #[test]
 fn blackhole_route_for_our_subnet_is_kept() {
     let test = "blackhole_route_for_our_subnet_is_kept";
-    let Some(c) = cluster(test, 1, CONFIG) else {
+    let Some(c) = OverlayCluster::new(test, 1, CONFIG) else {
         return;
     };
     let h = &c.hosts[0];

@@ -3,65 +3,14 @@
 //! and /readyz), each logs the other as a peer; SIGTERM exits 0 and keeps the lease; a
 //! restart keeps subnet and VTEP MAC.
 
-use std::{
-    os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{os::unix::net::UnixDatagram, path::Path, process::Command, time::Duration};
 
-use flannel_tests::{Child, Etcd, NetNs, Underlay, require_binary, require_root};
+use flannel_tests::{ETCD_PREFIX as PREFIX, OverlayCluster, OverlayHost, lease_key, subnet_of};
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
-const PREFIX: &str = "/coreos.com/network";
-const HEALTHZ_PORT: &str = "8471";
+const HEALTHZ: &[&str] = &["--healthz-ip=127.0.0.1", "--healthz-port=8471"];
 
-struct Host {
-    ns: NetNs,
-    ip: std::net::Ipv4Addr,
-    dir: PathBuf,
-}
-
-impl Host {
-    fn subnet_file(&self) -> PathBuf {
-        self.dir.join("run/subnet.env")
-    }
-
-    fn flanneld(&self, etcd: &Etcd, extra: &[&str], notify: Option<&Path>) -> Child {
-        let mut cmd = self.ns.command(flannel_tests::flanneld_bin());
-        cmd.arg(format!("--etcd-endpoints={}", etcd.endpoint()))
-            .arg("--iface=eth0")
-            .arg(format!("--subnet-file={}", self.subnet_file().display()))
-            .arg(format!("--state-dir={}", self.dir.join("state").display()))
-            .arg("--healthz-ip=127.0.0.1")
-            .arg(format!("--healthz-port={HEALTHZ_PORT}"))
-            .args(extra)
-            .env("RUST_LOG", "info");
-        match notify {
-            Some(p) => cmd.env("NOTIFY_SOCKET", p),
-            None => cmd.env_remove("NOTIFY_SOCKET"),
-        };
-        let log = self.dir.join(format!("flanneld-{}.log", rand_suffix()));
-        Child::spawn_logged("flanneld", cmd, &log)
-    }
-
-    /// GET a health path over loopback inside the host namespace.
-    fn http_get(&self, path: &str) -> String {
-        let script = format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{HEALTHZ_PORT} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
-        );
-        String::from_utf8_lossy(&self.ns.exec(&["bash", "-c", &script]).stdout).into_owned()
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn subnet_env(host: &Host) -> Option<String> {
+fn subnet_env(host: &OverlayHost) -> Option<String> {
     std::fs::read_to_string(host.subnet_file()).ok()
 }
 
@@ -70,32 +19,6 @@ fn env_var(text: &str, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("{key} missing from:\n{text}"))
         .to_owned()
-}
-
-/// `10.5.7.1/24` → `10.5.7.0-24`, the etcd key name.
-fn key_name(flannel_subnet: &str) -> String {
-    let (ip, len) = flannel_subnet.split_once('/').unwrap();
-    let mut o: Vec<&str> = ip.split('.').collect();
-    o[3] = "0";
-    format!("{}-{len}", o.join("."))
-}
-
-fn setup(test: &str, hosts: usize) -> Option<(Underlay, Etcd, Vec<Host>, tempfile::TempDir)> {
-    if !require_root(test) || !require_binary("etcd", test) {
-        return None;
-    }
-    let mut underlay = Underlay::new("10.99.0");
-    let etcd = Etcd::start_in(underlay.ns(), underlay.gateway().into());
-    let tmp = tempfile::tempdir().unwrap();
-    let mut out = Vec::new();
-    for i in 0..hosts {
-        let ns = NetNs::new(&format!("h{i}"));
-        let ip = underlay.attach(&ns, "eth0");
-        let dir = tmp.path().join(format!("host{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        out.push(Host { ns, ip, dir });
-    }
-    Some((underlay, etcd, out, tmp))
 }
 
 fn wait_file(path: &Path, secs: u64) -> String {
@@ -107,21 +30,26 @@ fn wait_file(path: &Path, secs: u64) -> String {
 
 #[test]
 fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_other() {
-    let Some((_underlay, etcd, hosts, tmp)) = setup(
+    let Some(c) = OverlayCluster::new(
         "two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_other",
         2,
+        CONFIG,
     ) else {
         return;
     };
-    etcd.put(&format!("{PREFIX}/config"), CONFIG);
+    let (etcd, hosts) = (&c.etcd, &c.hosts);
 
-    let sock_path = tmp.path().join("notify.sock");
+    let sock_path = c.hosts[0].dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
 
-    let mut a = hosts[0].flanneld(&etcd, &["--ip-masq"], Some(&sock_path));
-    let mut b = hosts[1].flanneld(&etcd, &[], None);
+    let mut a = hosts[0].flanneld_with_env(
+        etcd,
+        &["--ip-masq", HEALTHZ[0], HEALTHZ[1]],
+        &[("NOTIFY_SOCKET", &sock_path)],
+    );
+    let mut b = hosts[1].flanneld(etcd, &[]);
 
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("no sd_notify from flanneld");
@@ -148,27 +76,25 @@ fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_oth
     assert_ne!(sa, sb, "both hosts got the same subnet");
 
     // The leases are flannel's JSON, naming each host's PublicIP and VTEP MAC.
-    let la = etcd
-        .get(&format!("{PREFIX}/subnets/{}", key_name(&sa)))
-        .expect("lease A");
+    let la = etcd.get(&lease_key(&subnet_of(&sa))).expect("lease A");
     assert!(la.starts_with(&format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":""#, hosts[0].ip)), "{la}");
 
     // Each logs the other as a peer.
-    let subnet_a = key_name(&sa).replace('-', "/");
-    let subnet_b = key_name(&sb).replace('-', "/");
+    let subnet_a = subnet_of(&sa);
+    let subnet_b = subnet_of(&sb);
     a.expect_log(&format!("subnet={subnet_b}"), Duration::from_secs(20));
     b.expect_log(&format!("subnet={subnet_a}"), Duration::from_secs(20));
     assert!(a.log().contains("peer added"));
     assert!(b.log().contains("peer added"));
 
-    let health = hosts[0].http_get("/healthz");
+    let health = hosts[0].http_get(8471, "/healthz");
     assert!(
         health.starts_with("HTTP/1.")
             && health.contains(" 200 ")
             && health.contains("flanneld is running"),
         "{health}"
     );
-    let ready = hosts[0].http_get("/readyz");
+    let ready = hosts[0].http_get(8471, "/readyz");
     assert!(
         ready.contains(" 200 ") && ready.contains("flanneld is ready"),
         "{ready}"
@@ -189,19 +115,16 @@ fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_oth
         .expect("flanneld did not exit on SIGTERM");
     assert!(status.success(), "exit status {status}");
     assert!(
-        etcd.get(&format!("{PREFIX}/subnets/{}", key_name(&sa)))
-            .is_some(),
+        etcd.get(&lease_key(&subnet_of(&sa))).is_some(),
         "lease removed on exit"
     );
 
     // Restart: same subnet, same VTEP MAC.
-    let mut a2 = hosts[0].flanneld(&etcd, &["--ip-masq"], None);
+    let mut a2 = hosts[0].flanneld(etcd, &["--ip-masq", HEALTHZ[0], HEALTHZ[1]]);
     a2.expect_log("flanneld is ready", Duration::from_secs(30));
     let env_a2 = subnet_env(&hosts[0]).unwrap();
     assert_eq!(env_var(&env_a2, "FLANNEL_SUBNET"), sa);
-    let la2 = etcd
-        .get(&format!("{PREFIX}/subnets/{}", key_name(&sa)))
-        .unwrap();
+    let la2 = etcd.get(&lease_key(&subnet_of(&sa))).unwrap();
     assert!(
         la2.contains(&mac_a),
         "VTEP MAC changed across restart: {la} -> {la2}"
@@ -215,12 +138,13 @@ fn two_hosts_get_distinct_subnets_write_subnet_env_report_ready_and_see_each_oth
 
 #[test]
 fn flanneld_waits_for_a_missing_or_invalid_config() {
-    let Some((_underlay, etcd, hosts, _tmp)) =
-        setup("flanneld_waits_for_a_missing_or_invalid_config", 1)
+    let Some(c) = OverlayCluster::new("flanneld_waits_for_a_missing_or_invalid_config", 1, CONFIG)
     else {
         return;
     };
-    let mut a = hosts[0].flanneld(&etcd, &[], None);
+    let (etcd, hosts) = (&c.etcd, &c.hosts);
+    etcd.delete(&format!("{PREFIX}/config"));
+    let mut a = hosts[0].flanneld(etcd, &[]);
     a.expect_log(
         "flannel config not found in etcd store",
         Duration::from_secs(20),
@@ -243,16 +167,16 @@ fn flanneld_waits_for_a_missing_or_invalid_config() {
 
 #[test]
 fn flanneld_refuses_ipv6_and_kube_mode_clearly() {
-    let Some((_underlay, etcd, hosts, _tmp)) =
-        setup("flanneld_refuses_ipv6_and_kube_mode_clearly", 1)
+    let Some(c) = OverlayCluster::new("flanneld_refuses_ipv6_and_kube_mode_clearly", 1, CONFIG)
     else {
         return;
     };
+    let (etcd, hosts) = (&c.etcd, &c.hosts);
     etcd.put(
         &format!("{PREFIX}/config"),
         r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
     );
-    let mut a = hosts[0].flanneld(&etcd, &[], None);
+    let mut a = hosts[0].flanneld(etcd, &[]);
     let status = flannel_tests::wait_until(Duration::from_secs(20), || a.try_wait())
         .expect("flanneld kept running with EnableIPv6");
     assert!(!status.success());

@@ -33,6 +33,18 @@ pub struct HostGwBackend {
 }
 
 impl HostGwBackend {
+    /// The peers routed to, for `flanneld status` (kernel routes carry no counters).
+    pub fn peer_status(&self) -> Vec<crate::host::status::PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(subnet, ip)| crate::host::status::PeerStatus {
+                subnet: subnet.to_string(),
+                public_ip: ip.to_string(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
     pub fn new(ext: &ExternalInterface, network: Ipv4Net) -> Result<Self, BackendError> {
         if ext.public_ip != ext.iface_addr {
             return Err(BackendError::HostGwNat);

@@ -19,6 +19,7 @@
 //! Every kernel change goes through [`Netlink`]; this module never builds a netlink
 //! message.
 
+pub mod fastpath;
 pub mod hostgw;
 pub mod reconcile;
 pub mod vxlan;
@@ -30,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cli::Dataplane,
+    host::status::{PeerStatus, Refusal, VerdictCount},
     config::BackendConfig,
     iface::ExternalInterface,
     netlink::{LinkEvent, Netlink, NetlinkError, Route},
@@ -50,14 +52,25 @@ pub enum BackendError {
     HostGwNat,
     #[error("{name} was created but the kernel does not list it")]
     DeviceVanished { name: String },
+    #[error("--dataplane=ebpf: {0}")]
+    Ebpf(#[from] crate::dataplane::EbpfError),
     #[error(
-        "--dataplane=ebpf: the eBPF fast path is not wired into flanneld yet; use --dataplane=kernel (or auto)"
+        "--dataplane=ebpf: the {0} backend has no eBPF dataplane (kernel routing is used for host-gw; see the README's benchmark); use --dataplane=kernel or auto"
     )]
-    EbpfNotWired,
+    NoEbpfFor(&'static str),
     #[error("--dataplane=tun: the userspace TUN dataplane is not available yet")]
     TunUnavailable,
     #[error("{failed} of {total} kernel changes failed; they are retried at the next check")]
     Partial { failed: usize, total: usize },
+}
+
+/// What [`Backend::status`] reports.
+#[derive(Debug, Default)]
+pub struct DataplaneStatus {
+    pub dataplane: String,
+    pub refused: Vec<Refusal>,
+    pub peers: Vec<PeerStatus>,
+    pub verdicts: Vec<VerdictCount>,
 }
 
 /// How often kernel state is re-checked against the desired state (flannel's host-gw
@@ -90,35 +103,117 @@ enum InertKind {
 
 impl Backend {
     /// Validates the config for this host and builds the backend. Touches no kernel state.
+    ///
+    /// `--dataplane`: `kernel` is flannel's kernel state only; `ebpf` adds the eBPF fast
+    /// path on top (vxlan), failing if it cannot load; `auto` adds it when [`probe`]
+    /// succeeds and otherwise records why it was refused.
+    ///
+    /// [`probe`]: crate::dataplane::probe
     pub fn new(
         cfg: &BackendConfig,
         network: Ipv4Net,
         ext: &ExternalInterface,
         state_dir: &Path,
         dataplane: Dataplane,
-    ) -> Result<Self, BackendError> {
+        pin_dir: &Path,
+    ) -> Result<(Self, Vec<Refusal>), BackendError> {
         use flannel_common::consts::UDP_OVERHEAD;
-        match dataplane {
-            Dataplane::Auto | Dataplane::Kernel => {}
-            Dataplane::Ebpf => return Err(BackendError::EbpfNotWired),
-            Dataplane::Tun => return Err(BackendError::TunUnavailable),
+        let mut refused = Vec::new();
+        if dataplane == Dataplane::Tun {
+            return Err(BackendError::TunUnavailable);
         }
-        Ok(match cfg {
+        let backend = match cfg {
             BackendConfig::Vxlan(v) => {
-                Self::Vxlan(vxlan::VxlanBackend::new(v, ext, network, state_dir)?)
+                let fast = match dataplane {
+                    Dataplane::Kernel | Dataplane::Tun => None,
+                    Dataplane::Ebpf => {
+                        crate::dataplane::probe()?;
+                        Some(vxlan::FastPathChoice {
+                            required: true,
+                            pin_dir: Some(pin_dir.to_owned()),
+                        })
+                    }
+                    Dataplane::Auto => match crate::dataplane::probe() {
+                        Ok(()) => Some(vxlan::FastPathChoice {
+                            required: false,
+                            pin_dir: Some(pin_dir.to_owned()),
+                        }),
+                        Err(e) => {
+                            refused.push(Refusal {
+                                dataplane: "ebpf".into(),
+                                reason: e.to_string(),
+                            });
+                            None
+                        }
+                    },
+                };
+                Self::Vxlan(vxlan::VxlanBackend::new(v, ext, network, state_dir, fast)?)
             }
-            BackendConfig::HostGw => Self::HostGw(hostgw::HostGwBackend::new(ext, network)?),
-            BackendConfig::Udp(_) => Self::Inert(Inert {
-                kind: InertKind::Udp,
-                mtu: ext.mtu.saturating_sub(UDP_OVERHEAD),
-            }),
+            BackendConfig::HostGw => {
+                match dataplane {
+                    Dataplane::Ebpf => return Err(BackendError::NoEbpfFor("host-gw")),
+                    Dataplane::Auto => refused.push(Refusal {
+                        dataplane: "ebpf".into(),
+                        reason: "host-gw uses kernel routing: an eBPF forwarder did not beat it"
+                            .into(),
+                    }),
+                    Dataplane::Kernel | Dataplane::Tun => {}
+                }
+                Self::HostGw(hostgw::HostGwBackend::new(ext, network)?)
+            }
+            BackendConfig::Udp(_) => {
+                if dataplane == Dataplane::Ebpf {
+                    return Err(BackendError::NoEbpfFor("udp"));
+                }
+                Self::Inert(Inert {
+                    kind: InertKind::Udp,
+                    mtu: ext.mtu.saturating_sub(UDP_OVERHEAD),
+                })
+            }
             BackendConfig::Alloc => Self::Inert(Inert {
                 kind: InertKind::Alloc,
                 mtu: ext.mtu,
             }),
-        })
+        };
+        Ok((backend, refused))
     }
 
+    /// The dataplane carrying traffic now, why better ones are not used, and counters.
+    pub fn status(&self) -> DataplaneStatus {
+        let mut st = DataplaneStatus::default();
+        match self {
+            Self::Vxlan(b) => {
+                st.peers = b
+                    .peer_table()
+                    .iter()
+                    .map(|p| PeerStatus {
+                        subnet: p.subnet.to_string(),
+                        public_ip: p.public_ip.to_string(),
+                        vtep_mac: p.vtep_mac.to_string(),
+                        ..PeerStatus::default()
+                    })
+                    .collect();
+                st.dataplane = "kernel".into();
+                if let Some(fp) = b.fast_path() {
+                    if fp.active() {
+                        st.dataplane = "ebpf".into();
+                        (st.peers, st.verdicts) = fp.counters(b.peer_table());
+                    } else if let Some(why) = fp.refused() {
+                        st.refused.push(Refusal {
+                            dataplane: "ebpf".into(),
+                            reason: why.to_owned(),
+                        });
+                    }
+                }
+            }
+            Self::HostGw(b) => {
+                st.dataplane = "kernel".into();
+                st.peers = b.peer_status();
+            }
+            Self::Inert(_) => st.dataplane = "none".into(),
+        }
+        st
+    }
     /// What goes into our lease's `BackendType`/`BackendData`.
     pub fn lease_attrs(&self) -> BackendAttrs {
         match self {

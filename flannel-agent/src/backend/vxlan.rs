@@ -28,6 +28,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
 
+use super::fastpath::{EbpfPeers, FastPathSpec};
+
 use super::{
     BackendError, Cause, apply,
     reconcile::{self, Scope, State},
@@ -95,18 +97,31 @@ impl PeerTable {
 }
 
 /// A consumer of the desired peer set. Every variant gets the same calls, in the same
-/// order; a fast path is added here as another variant.
+/// order (removals in reverse order, so the fast path lets go of a peer before the
+/// kernel entries it falls back to disappear).
 #[derive(Debug)]
 pub enum PeerPath {
     /// flannel.1's neighbour, FDB and route entries.
     Kernel(KernelPeers),
+    /// The eBPF fast path's maps, on top of the kernel entries.
+    Ebpf(Box<EbpfPeers>),
 }
 
 impl PeerPath {
-    /// The vxlan device was created or recreated with index `dev`.
-    pub fn device_changed(&mut self, dev: IfIndex) {
+    /// The vxlan device exists with index `dev` (created, recreated or adopted).
+    pub fn device_changed(
+        &mut self,
+        dev: IfIndex,
+        own: Option<Ipv4Net>,
+        peers: &PeerTable,
+        synced: bool,
+    ) -> Result<(), BackendError> {
         match self {
-            Self::Kernel(k) => k.vxlan_dev = dev,
+            Self::Kernel(k) => {
+                k.vxlan_dev = dev;
+                Ok(())
+            }
+            Self::Ebpf(e) => e.device_changed(dev, own, peers, synced),
         }
     }
 
@@ -119,6 +134,7 @@ impl PeerPath {
     ) -> Result<(), BackendError> {
         match self {
             Self::Kernel(k) => k.upsert(nl, old, new).await,
+            Self::Ebpf(e) => e.upsert(new),
         }
     }
 
@@ -126,6 +142,7 @@ impl PeerPath {
     pub async fn remove(&mut self, nl: &Netlink, old: &VxlanPeer) -> Result<(), BackendError> {
         match self {
             Self::Kernel(k) => k.remove(nl, old).await,
+            Self::Ebpf(e) => e.remove(old),
         }
     }
 
@@ -138,8 +155,18 @@ impl PeerPath {
     ) -> Result<(), BackendError> {
         match self {
             Self::Kernel(k) => k.sync(nl, peers, cause).await,
+            Self::Ebpf(e) => e.sync(peers),
         }
     }
+}
+
+/// The eBPF fast path requested for the vxlan backend.
+#[derive(Debug, Clone, Default)]
+pub struct FastPathChoice {
+    /// `--dataplane ebpf`: failing to attach is an error, not a fallback.
+    pub required: bool,
+    /// Where to pin; `None` for the default under /sys/fs/bpf.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// The kernel's per-peer entries on the vxlan device (and DirectRouting routes).
@@ -285,6 +312,7 @@ impl VxlanBackend {
         ext: &ExternalInterface,
         network: Ipv4Net,
         state_dir: &Path,
+        fast_path: Option<FastPathChoice>,
     ) -> Result<Self, BackendError> {
         use flannel_common::consts::VXLAN_OVERHEAD;
         let name = format!("flannel.{}", cfg.vni);
@@ -307,6 +335,14 @@ impl VxlanBackend {
             network,
             direct_routing: cfg.direct_routing,
         };
+        let mut paths = vec![PeerPath::Kernel(kernel)];
+        if let Some(choice) = fast_path {
+            let mut fp = FastPathSpec::new(ext, cfg.vni, cfg.port, mac);
+            if let Some(dir) = choice.pin_dir {
+                fp.pin_dir = dir;
+            }
+            paths.push(PeerPath::Ebpf(Box::new(EbpfPeers::new(fp, choice.required))));
+        }
         Ok(Self {
             spec,
             direct_routing: cfg.direct_routing,
@@ -314,7 +350,7 @@ impl VxlanBackend {
             device: None,
             peers: PeerTable::default(),
             synced: false,
-            paths: vec![PeerPath::Kernel(kernel)],
+            paths,
         })
     }
 
@@ -337,6 +373,14 @@ impl VxlanBackend {
     /// The desired peer set.
     pub fn peer_table(&self) -> &PeerTable {
         &self.peers
+    }
+
+    /// The eBPF path, when one was configured (active or fallen back).
+    pub fn fast_path(&self) -> Option<&EbpfPeers> {
+        self.paths.iter().find_map(|p| match p {
+            PeerPath::Ebpf(e) => Some(&**e),
+            PeerPath::Kernel(_) => None,
+        })
     }
 
     /// Creates (or adopts) the device and gives it our subnet's address.
@@ -413,7 +457,7 @@ impl VxlanBackend {
         let changed = self.device != Some(link.index);
         self.device = Some(link.index);
         for p in &mut self.paths {
-            p.device_changed(link.index);
+            p.device_changed(link.index, self.own, &self.peers, self.synced)?;
         }
         Ok(created || changed)
     }
@@ -513,7 +557,7 @@ impl VxlanBackend {
             return Ok(());
         };
         let mut result = Ok(());
-        for p in &mut self.paths {
+        for p in self.paths.iter_mut().rev() {
             keep_first(&mut result, p.remove(nl, &old).await);
         }
         result

@@ -301,10 +301,10 @@ fn make_private_dir(path: &Path) -> Result<(), EbpfError> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(dir_err("chmod"))
 }
 
-/// Makes sure `pin_dir` can hold pins: mounts bpffs at /sys/fs/bpf for the default
-/// directory if needed; any other directory must already be on bpffs.
+/// Makes sure `pin_dir` can hold pins: mounts bpffs at /sys/fs/bpf for a directory
+/// below it if needed; any other directory must already be on bpffs.
 fn prepare_pin_dir(pin_dir: &Path) -> Result<(), EbpfError> {
-    if pin_dir == Path::new(DEFAULT_PIN_DIR) {
+    if pin_dir.starts_with(BPFFS_ROOT) {
         let root = Path::new(BPFFS_ROOT);
         let mounted = sys::is_bpffs(root).map_err(|source| EbpfError::PinDir {
             op: "stat",
