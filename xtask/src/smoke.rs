@@ -276,6 +276,7 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
     etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), NETWORK_CONFIG])?;
     println!("etcd at {endpoint}: {ETCD_PREFIX}/config = {NETWORK_CONFIG}");
 
+    let bpffs = crate::util::BpffsMount::new(dir.join("bpffs"))?;
     let mut agents = Vec::new();
     for (i, (ns, _)) in hosts.iter().enumerate() {
         let hdir = dir.join(format!("h{}", i + 1));
@@ -287,6 +288,10 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
             format!("--subnet-file={}", hdir.join("subnet.env").display()),
             // Keep the VTEP MAC state inside the run's temp dir, not in /var/lib.
             format!("--state-dir={}", hdir.join("state").display()),
+            format!(
+                "--bpf-pin-dir={}",
+                bpffs.pin_dir(&format!("h{}", i + 1)).display()
+            ),
             "--healthz-ip=127.0.0.1".to_owned(),
             format!("--healthz-port={HEALTHZ_PORT}"),
         ]);

@@ -136,3 +136,32 @@ pub fn http_get_cmd(addr: &str, path: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A private bpffs mounted at a directory of ours, unmounted on drop: each flanneld of a
+/// run pins its maps below it, so nothing lands in (or collides under) /sys/fs/bpf.
+pub struct BpffsMount {
+    path: PathBuf,
+}
+
+impl BpffsMount {
+    pub fn new(path: PathBuf) -> Result<BpffsMount> {
+        std::fs::create_dir_all(&path)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path))?;
+        Ok(BpffsMount { path })
+    }
+
+    /// The pin directory for one flanneld.
+    pub fn pin_dir(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
