@@ -23,7 +23,10 @@ fn require_ebpf(test: &str) -> bool {
 }
 
 fn start(host: &OverlayHost, c: &OverlayCluster) -> (Child, String) {
-    let mut f = host.flanneld(&c.etcd, EBPF);
+    let mut f = host.flanneld(
+        &c.etcd,
+        &[EBPF[0], "--healthz-ip=127.0.0.1", "--healthz-port=8471"],
+    );
     f.expect_log("flanneld is ready", READY);
     assert!(
         f.log().contains("dataplane chosen") && f.log().contains("dataplane=ebpf"),
@@ -112,6 +115,20 @@ fn ebpf_node_interoperates_with_a_go_flannel_kernel_peer() {
         "TCP did not take the eBPF path (before: tx {tx0} rx {rx0}): {}",
         a.status()
     );
+
+    // The same counters on the Prometheus endpoint.
+    let metrics = a.http_get(8471, "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("flannel_peer_tx_packets_total{")
+                && l.contains(&format!("subnet=\"{b_subnet}\""))
+        })
+        .unwrap_or_else(|| panic!("no tx counter for B in /metrics:\n{metrics}"));
+    let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value > tx0 + 100, "{line}");
+    assert!(metrics.contains("flannel_info{"), "{metrics}");
+    assert!(metrics.contains("dataplane=\"ebpf\""), "{metrics}");
 }
 
 #[test]
