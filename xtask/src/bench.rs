@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// [default: 3, or 1 with --quick].
     #[arg(long)]
     repeat: Option<u32>,
+    /// Do not pin the clients to CPU 0 and the servers to CPU 1.
+    #[arg(long)]
+    no_pin: bool,
     /// Where to write report.md and results.json [default: target/bench].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -120,6 +123,8 @@ struct Plan {
     durations: Durations,
     sweep: bool,
     quick: bool,
+    /// The CPUs of the client (c1) and the servers (c2).
+    pin: Option<[usize; 2]>,
 }
 
 impl Plan {
@@ -152,6 +157,7 @@ impl Plan {
             durations,
             sweep: args.sweep,
             quick: args.quick,
+            pin: (!args.no_pin && cpus() >= 2).then_some([0, 1]),
         }
     }
 }
@@ -274,11 +280,11 @@ fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
             };
             plan.modes
                 .iter()
-                .map(|_| (status.clone(), Vec::new()))
+                .map(|_| (status.clone(), Vec::new(), None))
                 .collect()
         });
         let mut said = Vec::new();
-        for (&m, (status, samples)) in plan.modes.iter().zip(per_mode) {
+        for (&m, (status, samples, note)) in plan.modes.iter().zip(per_mode) {
             if let Status::Unavailable { reason } = &status
                 && !said.contains(reason)
             {
@@ -290,6 +296,7 @@ fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
                 offloads: m,
                 status,
                 samples,
+                note,
             });
         }
         progress.done = (i + 1) * plan.modes.len();
@@ -298,6 +305,9 @@ fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
     Ok(results)
 }
 
+/// What one offload setting of a row gave: status, samples, a note on the counters.
+type ModeOutcome = (Status, Vec<Sample>, Option<String>);
+
 /// Sets one row up, measures it under each offload setting, tears it down.
 fn run_row(
     plan: &Plan,
@@ -305,7 +315,7 @@ fn run_row(
     row: Row,
     index: usize,
     progress: &mut Progress,
-) -> Result<Vec<(Status, Vec<Sample>)>> {
+) -> Result<Vec<ModeOutcome>> {
     let unavailable = |reason: String| {
         plan.modes
             .iter()
@@ -315,6 +325,7 @@ fn run_row(
                         reason: reason.clone(),
                     },
                     Vec::new(),
+                    None,
                 )
             })
             .collect()
@@ -328,17 +339,20 @@ fn run_row(
     if !topo::ping_crosses(&hosts[0].container, &target, active.ping_timeout)? {
         return Ok(unavailable(no_ping_reason(row, &active.subnets)));
     }
-    if let Err(why) = rows::verify(row, &hosts, &active.subnets) {
+    if let Err(why) = rows::verify(row, &hosts, &active) {
         return Ok(unavailable(why));
     }
     let row_dir = ctx.dir.join(row.name());
     fs::create_dir_all(&row_dir)?;
-    let _servers = Servers::start(&hosts[1].container, &row_dir)?;
+    let _servers = Servers::start(&hosts[1].container, plan.pin.map(|p| p[1]), &row_dir)?;
     let mut out = Vec::new();
     for &m in &plan.modes {
-        out.push(measure_mode(
-            plan, ctx, row, &hosts, &target, m, &row_dir, progress,
-        )?);
+        let (status, samples) =
+            measure_mode(plan, ctx, row, &hosts, &target, m, &row_dir, progress)?;
+        // Cumulative counters of h1's flanneld: evidence of which path carried the
+        // traffic (for eBPF, how much went to the kernel fallback).
+        let note = rows::h1_status(&active).and_then(|s| rows::counters_note(&s));
+        out.push((status, samples, note));
         progress.done += 1;
     }
     Ok(out)
@@ -397,7 +411,12 @@ fn measure_mode(
             if plan.sweep { ", qperf sweep" } else { "" },
             plan.repeat
         ));
-        let s = measure::sample(&hosts[0].container, target, plan.durations, plan.sweep, dir);
+        let client = measure::Client {
+            durations: plan.durations,
+            sweep: plan.sweep,
+            cpu: plan.pin.map(|p| p[0]),
+        };
+        let s = measure::sample(&hosts[0].container, target, client, dir);
         if interrupted() {
             bail!("interrupted");
         }
@@ -486,6 +505,7 @@ fn meta(plan: &Plan, (date, loadavg_start, commit): (String, String, String)) ->
         repeat: plan.repeat,
         sweep: plan.sweep,
         durations: plan.durations,
+        pinned: plan.pin,
     }
 }
 

@@ -3,7 +3,7 @@
 //! Servers run in c2, clients in c1, so every figure crosses c1 → h1 → underlay → h2 → c2
 //! (and back for the acknowledgements and latency replies).
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -57,11 +57,12 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub fn start(c2: &Ns, dir: &Path) -> Result<Servers> {
-        let mut iperf3 = c2.command("iperf3");
+    /// iperf3 and qperf servers in `c2`, on `cpu` if given.
+    pub fn start(c2: &Ns, cpu: Option<usize>, dir: &Path) -> Result<Servers> {
+        let mut iperf3 = tool(c2, "iperf3", cpu);
         iperf3.args(["-s", "-p", &IPERF3_PORT.to_string()]);
         let iperf3 = Proc::spawn(iperf3, dir.join("iperf3-server.log"))?;
-        let qperf = Proc::spawn(c2.command("qperf"), dir.join("qperf-server.log"))?;
+        let qperf = Proc::spawn(tool(c2, "qperf", cpu), dir.join("qperf-server.log"))?;
         for port in [IPERF3_PORT, QPERF_PORT] {
             if !wait_listening(c2, port)? {
                 bail!("no server is listening on port {port} in c2");
@@ -74,25 +75,48 @@ impl Servers {
     }
 }
 
+/// `program` in `ns`, pinned to `cpu` with taskset when given. Pinning client and server
+/// to CPUs of their own keeps each repetition from landing on a different placement,
+/// which on a 2-CPU VM moves tcp_lat between about 12 and 30 µs from one run to the next.
+fn tool(ns: &Ns, program: &str, cpu: Option<usize>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut cmd = ns.command("taskset");
+            cmd.args(["-c", &cpu.to_string(), program]);
+            cmd
+        }
+        None => ns.command(program),
+    }
+}
+
+/// How the clients run.
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    pub durations: Durations,
+    pub sweep: bool,
+    /// The CPU the client is pinned to.
+    pub cpu: Option<usize>,
+}
+
 /// Measures once from `c1` to `target` (c2's address).
-pub fn sample(c1: &Ns, target: &str, d: Durations, sweep: bool, dir: &Path) -> Sample {
+pub fn sample(c1: &Ns, target: &str, c: Client, dir: &Path) -> Sample {
     let mut s = Sample::default();
-    match iperf3(c1, target, d, dir) {
+    match iperf3(c1, target, c, dir) {
         Ok((gbps, retr)) => {
             s.iperf3_gbps = Some(gbps);
             s.iperf3_retransmits = retr;
         }
         Err(e) => s.errors.push(format!("iperf3: {e:#}")),
     }
-    match qperf(c1, target, d.qperf, &[], dir) {
+    match qperf(c1, target, c, &[], dir) {
         Ok(blocks) => {
             s.qperf_bw_gbps = blocks.iter().find_map(|b| b.bw_gbps);
             s.qperf_lat_us = blocks.iter().find_map(|b| b.lat_us);
         }
         Err(e) => s.errors.push(format!("qperf: {e:#}")),
     }
-    if sweep {
-        match qperf(c1, target, d.qperf, &["-vu", "-oo", SWEEP], dir) {
+    if c.sweep {
+        match qperf(c1, target, c, &["-vu", "-oo", SWEEP], dir) {
             Ok(blocks) => s.sweep = merge_sweep(&blocks),
             Err(e) => s.errors.push(format!("qperf sweep: {e:#}")),
         }
@@ -101,8 +125,9 @@ pub fn sample(c1: &Ns, target: &str, d: Durations, sweep: bool, dir: &Path) -> S
 }
 
 /// Single-stream TCP: Gbit/s received, and the sender's retransmits.
-fn iperf3(c1: &Ns, target: &str, d: Durations, dir: &Path) -> Result<(f64, Option<u64>)> {
-    let mut cmd = c1.command("iperf3");
+fn iperf3(c1: &Ns, target: &str, c: Client, dir: &Path) -> Result<(f64, Option<u64>)> {
+    let d = c.durations;
+    let mut cmd = tool(c1, "iperf3", c.cpu);
     cmd.args(["-c", target, "-p", &IPERF3_PORT.to_string(), "-J"])
         .args([
             "-t",
@@ -141,8 +166,9 @@ pub fn parse_iperf3(json: &str) -> Result<(f64, Option<u64>)> {
 }
 
 /// Runs `qperf TARGET -t T EXTRA tcp_bw tcp_lat` and parses its blocks.
-fn qperf(c1: &Ns, target: &str, t: u32, extra: &[&str], dir: &Path) -> Result<Vec<QperfBlock>> {
-    let mut cmd = c1.command("qperf");
+fn qperf(c1: &Ns, target: &str, c: Client, extra: &[&str], dir: &Path) -> Result<Vec<QperfBlock>> {
+    let t = c.durations.qperf;
+    let mut cmd = tool(c1, "qperf", c.cpu);
     cmd.args([target, "-t", &t.to_string()])
         .args(extra)
         .args(["tcp_bw", "tcp_lat"]);

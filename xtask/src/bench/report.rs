@@ -46,6 +46,9 @@ pub struct RowResult {
     #[serde(flatten)]
     pub status: Status,
     pub samples: Vec<Sample>,
+    /// What h1's flanneld counted by the end of this setting (cumulative), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Where and how the figures were taken.
@@ -64,6 +67,8 @@ pub struct Meta {
     pub repeat: u32,
     pub sweep: bool,
     pub durations: Durations,
+    /// The CPUs the clients (c1) and the servers (c2) were pinned to.
+    pub pinned: Option<[usize; 2]>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -236,6 +241,21 @@ impl Report {
         out
     }
 
+    /// What h1's flanneld counted, per row and offload setting.
+    pub fn notes(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .filter_map(|r| {
+                let n = r.note.as_ref()?;
+                Some(format!(
+                    "{} (after offloads {}): {n}",
+                    r.row.name(),
+                    r.offloads.name()
+                ))
+            })
+            .collect()
+    }
+
     /// Issue 3's targets for eBPF vxlan, each with what this run measured.
     pub fn targets(&self) -> Vec<[String; 3]> {
         let check = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| match v {
@@ -400,7 +420,7 @@ impl Report {
                 }
             }
         }
-        let problems = self.problems();
+        let problems: Vec<String> = self.notes().into_iter().chain(self.problems()).collect();
         if !problems.is_empty() {
             let _ = writeln!(out);
             for p in problems {
@@ -422,11 +442,15 @@ impl Report {
         let _ = writeln!(
             out,
             "iperf3 -t {} -O {}, qperf -t {}; {} repetition(s) per row and offload setting \
-             (median, and min–max when repeated){}.\n",
+             (median, and min–max when repeated); {}{}.\n",
             m.durations.iperf3,
             m.durations.iperf3_omit,
             m.durations.qperf,
             m.repeat,
+            m.pinned.map_or_else(
+                || "not pinned".to_owned(),
+                |[c, s]| format!("clients on CPU {c}, servers on CPU {s}")
+            ),
             if m.quick { "; --quick" } else { "" }
         );
         for fig in Figure::ALL {
@@ -449,6 +473,13 @@ impl Report {
                     let _ = writeln!(out, "![chart]({})\n", chart_file(mode, bw));
                     out += &markdown_table(&t);
                 }
+            }
+        }
+        let notes = self.notes();
+        if !notes.is_empty() {
+            out += "\n## Counters\n\n";
+            for n in notes {
+                let _ = writeln!(out, "- {n}");
             }
         }
         let problems = self.problems();
@@ -535,6 +566,7 @@ mod tests {
             offloads: off,
             status: Status::Measured,
             samples,
+            note: None,
         };
         Report {
             meta: Meta {
@@ -553,6 +585,7 @@ mod tests {
                     iperf3_omit: 0,
                     qperf: 1,
                 },
+                pinned: None,
             },
             results: vec![
                 measured(Row::KernelVxlan, Offloads::On, vec![sample(10.0, 20.0)]),
@@ -568,6 +601,7 @@ mod tests {
                         reason: "not wired".into(),
                     },
                     samples: vec![],
+                    note: None,
                 },
             ],
         }

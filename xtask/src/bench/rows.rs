@@ -9,6 +9,8 @@ use std::{
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::util::BpffsMount;
+
 use super::{
     topo::{Host, Proc, Subnet, Underlay},
     wait_for,
@@ -77,11 +79,15 @@ const HEALTHZ_PORT: u16 = 8471;
 /// What a row needs while it is measured: its flanneld processes, and the container
 /// subnets (c1's first).
 pub struct Active {
-    // Dropped first: flanneld stops before the namespaces go.
+    // Dropped first: flanneld stops before its bpffs and the namespaces go.
     pub _agents: Vec<Proc>,
+    /// The private bpffs the flanneld of this row pin into (never /sys/fs/bpf).
+    pub _bpffs: Option<BpffsMount>,
     pub subnets: [Subnet; 2],
     /// How long a first ping may take to cross (a control plane needs a moment).
     pub ping_timeout: Duration,
+    /// h1's flanneld and its subnet file, for `flanneld status`.
+    pub status_of_h1: Option<(PathBuf, PathBuf)>,
 }
 
 /// What the flanneld rows need from the run.
@@ -123,8 +129,10 @@ fn by_hand(row: Row, hosts: &[Host; 2]) -> Result<Active> {
     }
     Ok(Active {
         _agents: Vec::new(),
+        _bpffs: None,
         subnets,
         ping_timeout: Duration::from_secs(3),
+        status_of_h1: None,
     })
 }
 
@@ -235,6 +243,8 @@ fn flanneld(
     };
     let config = format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{backend}"}}}}"#);
     ctx.ul.set_network_config(&config)?;
+    let bpffs_dir = ctx.dir.join(format!("bpffs-{backend}-{dataplane}"));
+    let bpffs = BpffsMount::new(bpffs_dir)?;
     let mut agents = Vec::new();
     let mut envs = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
@@ -252,6 +262,10 @@ fn flanneld(
             "--healthz-ip=127.0.0.1".to_owned(),
             format!("--healthz-port={HEALTHZ_PORT}"),
             format!("--dataplane={dataplane}"),
+            format!(
+                "--bpf-pin-dir={}",
+                bpffs.pin_dir(&format!("h{}", i + 1)).display()
+            ),
         ]);
         agents.push(Proc::spawn(cmd, hdir.join("flanneld.log"))?);
         envs.push(env);
@@ -269,8 +283,10 @@ fn flanneld(
     let [a, b] = [subnets[0].0.clone(), subnets[1].0.clone()];
     Ok(Ok(Active {
         _agents: agents,
+        _bpffs: Some(bpffs),
         subnets: [a, b],
         ping_timeout: Duration::from_secs(15),
+        status_of_h1: Some((bin.clone(), envs[0].clone())),
     }))
 }
 
@@ -351,7 +367,16 @@ fn read_subnet_env(path: &Path) -> Result<(Subnet, u32), String> {
 
 /// After the ping crossed: evidence that the row's dataplane, not something else,
 /// carries it. `Err(why)` makes the row unavailable.
-pub fn verify(row: Row, hosts: &[Host; 2], subnets: &[Subnet; 2]) -> Result<(), String> {
+pub fn verify(row: Row, hosts: &[Host; 2], active: &Active) -> Result<(), String> {
+    let subnets = &active.subnets;
+    if let (Some((_, dataplane)), Some(status)) = (row.flanneld(), h1_status(active)) {
+        let in_use = status["dataplane"].as_str().unwrap_or("?");
+        if in_use != dataplane {
+            return Err(format!(
+                "flanneld in h1 runs the {in_use} dataplane, not {dataplane} (flanneld status)"
+            ));
+        }
+    }
     let h1 = &hosts[0].ns;
     let route = h1
         .ip(&["route", "show", &subnets[1].cidr()])
@@ -381,52 +406,87 @@ pub fn verify(row: Row, hosts: &[Host; 2], subnets: &[Subnet; 2]) -> Result<(), 
                 ))
             }
         }
-        Row::EbpfVxlan | Row::EbpfHostgw => bpf_attached(h1),
+        Row::EbpfVxlan | Row::EbpfHostgw => ebpf_carries(hosts, active),
     }
 }
 
-/// `Ok` when a TC or XDP program is attached to a link in the namespace. bpftool 7.1
-/// (Debian 12) lists tc and XDP attachments but not tcx links, so a miss also consults
-/// `tc filter show` on every link.
-fn bpf_attached(ns: &super::topo::Ns) -> Result<(), String> {
-    let json = ns
-        .exec("bpftool", &["-j", "net", "show"])
-        .unwrap_or_default();
-    if bpftool_lists_attachments(&json) {
-        return Ok(());
+/// h1's `flanneld status --json`, for the flanneld rows.
+pub fn h1_status(active: &Active) -> Option<serde_json::Value> {
+    let (bin, env) = active.status_of_h1.as_ref()?;
+    let out = crate::util::output(
+        std::process::Command::new(bin)
+            .arg("status")
+            .arg(format!("--subnet-file={}", env.display()))
+            .arg("--json"),
+    )
+    .ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+/// Packets h1's fast path counted towards its peers (after the ping, at least the ping).
+fn ebpf_tx_packets(status: &serde_json::Value) -> u64 {
+    status["peers"].as_array().map_or(0, |peers| {
+        peers.iter().filter_map(|p| p["tx_packets"].as_u64()).sum()
+    })
+}
+
+/// `Ok` when h1's eBPF per-peer counters see pings: the fast path, not the kernel's
+/// fallback, carries them. (Its TCX links are invisible to Debian 12's bpftool 7.1.)
+/// flanneld refreshes its status every 2 s, so this pings and polls for a while.
+fn ebpf_carries(hosts: &[Host; 2], active: &Active) -> Result<(), String> {
+    let target = active.subnets[1].host(2, false);
+    let seen = wait_for("eBPF counters", Duration::from_secs(8), || {
+        super::topo::ping_once(&hosts[0].container, &target);
+        h1_status(active)
+            .map(|s| ebpf_tx_packets(&s))
+            .filter(|&n| n > 0)
+    })
+    .map_err(|e| format!("{e:#}"))?;
+    match seen {
+        Some(_) => Ok(()),
+        None => Err(
+            "pings cross, but h1's eBPF per-peer counters stay at 0 for 8 s \
+                     (flanneld status): the kernel path carries them, not the eBPF dataplane"
+                .to_owned(),
+        ),
     }
-    let links = ns.ip(&["-o", "link", "show"]).unwrap_or_default();
-    for dev in links
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n))
-    {
-        for dir in ["ingress", "egress"] {
-            let f = ns
-                .exec("tc", &["filter", "show", "dev", dev, dir])
-                .unwrap_or_default();
-            if f.contains("bpf") {
-                return Ok(());
-            }
+}
+
+/// A line for the report on what the flanneld of h1 counted: per-peer packets of the fast
+/// path, and what it dropped or handed to the kernel.
+pub fn counters_note(status: &serde_json::Value) -> Option<String> {
+    let peers = status["peers"].as_array()?;
+    let mut parts: Vec<String> = peers
+        .iter()
+        .filter(|p| {
+            p["tx_packets"].as_u64().unwrap_or(0) + p["rx_packets"].as_u64().unwrap_or(0) > 0
+        })
+        .map(|p| {
+            format!(
+                "peer {}: tx {} rx {} packets",
+                p["subnet"].as_str().unwrap_or("?"),
+                p["tx_packets"].as_u64().unwrap_or(0),
+                p["rx_packets"].as_u64().unwrap_or(0)
+            )
+        })
+        .collect();
+    for v in status["verdicts"].as_array().into_iter().flatten() {
+        let n = v["packets"].as_u64().unwrap_or(0);
+        if n > 0 {
+            parts.push(format!(
+                "{} {}: {n}",
+                v["action"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("?")
+            ));
         }
     }
-    Err(
-        "traffic crosses, but no BPF program is attached in h1 (bpftool net show, tc filter \
-         show), so the eBPF dataplane is not what carries it"
-            .to_owned(),
-    )
-}
-
-/// True when `bpftool -j net show` lists a program on a link (flow dissectors aside).
-fn bpftool_lists_attachments(json: &str) -> bool {
-    let Ok(serde_json::Value::Array(entries)) = serde_json::from_str(json) else {
-        return false;
-    };
-    entries
-        .iter()
-        .filter_map(serde_json::Value::as_object)
-        .flat_map(|o| o.iter())
-        .any(|(kind, v)| kind != "flow_dissector" && v.as_array().is_some_and(|a| !a.is_empty()))
+    (!parts.is_empty()).then(|| {
+        format!(
+            "h1 dataplane {}: {}",
+            status["dataplane"].as_str().unwrap_or("?"),
+            parts.join(", ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -464,13 +524,22 @@ mod tests {
     }
 
     #[test]
-    fn bpftool_attachments() {
-        let none = r#"[{"xdp":[],"tc":[],"flow_dissector":[]}]"#;
-        assert!(!bpftool_lists_attachments(none));
-        let tc = r#"[{"xdp":[],"tc":[{"devname":"eth0","ifindex":2,"kind":"clsact/ingress",
-                     "name":"decap","id":42}],"flow_dissector":[]}]"#;
-        assert!(bpftool_lists_attachments(tc));
-        assert!(!bpftool_lists_attachments(""));
+    fn ebpf_counters_from_status() {
+        let status: serde_json::Value = serde_json::from_str(
+            r#"{"dataplane":"ebpf","peers":[{"subnet":"10.6.7.0/24","tx_packets":5,
+                "rx_packets":4},{"subnet":"10.6.8.0/24","tx_packets":0,"rx_packets":0}],
+                "verdicts":[{"action":"pass","reason":"fragment","packets":2},
+                {"action":"drop","reason":"spoofed","packets":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ebpf_tx_packets(&status), 5);
+        assert_eq!(
+            counters_note(&status).unwrap(),
+            "h1 dataplane ebpf: peer 10.6.7.0/24: tx 5 rx 4 packets, pass fragment: 2"
+        );
+        let idle: serde_json::Value = serde_json::from_str(r#"{"peers":[]}"#).unwrap();
+        assert_eq!(ebpf_tx_packets(&idle), 0);
+        assert_eq!(counters_note(&idle), None);
     }
 
     #[test]
