@@ -178,8 +178,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // Taken before the build: flanneld is built from the tree as it is now.
     let meta_start = (date(), loadavg(), commit());
     let flanneld = build_flanneld(&plan.rows);
-    let xtask = std::env::current_exe().context("locate the xtask binary")?;
     let dir = tempfile::Builder::new().prefix("flbench-").tempdir()?;
+    // A private copy: a rebuild of xtask during the run must not pull the binary that
+    // the readiness checks run (`xtask http-get`) from under us.
+    let xtask = dir.path().join("xtask");
+    fs::copy(
+        std::env::current_exe().context("locate the xtask binary")?,
+        &xtask,
+    )?;
 
     let results = {
         let ul = Underlay::new(dir.path())?;
