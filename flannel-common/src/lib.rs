@@ -13,7 +13,10 @@ pub use maps::Counters;
 /// sizes, and what the programs mean by each field. The agent pins maps under a directory
 /// named after it (`v<N>`), so pinned maps of another layout are never adopted silently.
 /// Bump it on any change to [`maps`] or to the meaning of a map.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: `reason::PASS_TTL_EXPIRED` (one more [`MAP_REASONS`] slot) and the udp backend's
+/// [`MAP_UDP_CONFIG`].
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Per-CPU array of [`Counters`], indexed by [`maps::StatsKey`].
 ///
@@ -37,6 +40,11 @@ pub const MAP_PEER_COUNTERS: &str = "FLANNEL_PEER_COUNTERS";
 /// Per-CPU array of `u64` packet counts, indexed by [`maps::reason`].
 pub const MAP_REASONS: &str = "FLANNEL_REASONS";
 
+/// Array with one [`maps::UdpConfig`]: this node for the udp backend's fast path. The
+/// udp programs share every other map type with the vxlan ones ([`UDP_PINNED_MAPS`]);
+/// the agent pins the udp set in a directory of its own, so the two never share state.
+pub const MAP_UDP_CONFIG: &str = "FLANNEL_UDP_CONFIG";
+
 /// The TC classifier that counts packets into [`MAP_STATS`].
 pub const PROG_STATS: &str = "flannel_stats";
 
@@ -45,6 +53,12 @@ pub const PROG_ENCAP: &str = "flannel_encap";
 
 /// VXLAN decapsulation, at TC ingress of the underlay (external) interface.
 pub const PROG_DECAP: &str = "flannel_decap";
+
+/// flannel-udp encapsulation (raw IPv4 in UDP), at TC egress of the TUN `flannel0`.
+pub const PROG_UDP_ENCAP: &str = "flannel_udp_encap";
+
+/// flannel-udp decapsulation, at TC ingress of the underlay (external) interface.
+pub const PROG_UDP_DECAP: &str = "flannel_udp_decap";
 
 /// Every map the BPF object must contain, with its key and value sizes in bytes.
 pub const MAPS: &[(&str, u32, u32)] = &[
@@ -78,10 +92,15 @@ pub const MAPS: &[(&str, u32, u32)] = &[
         core::mem::size_of::<u32>() as u32,
         core::mem::size_of::<u64>() as u32,
     ),
+    (
+        MAP_UDP_CONFIG,
+        core::mem::size_of::<u32>() as u32,
+        core::mem::size_of::<maps::UdpConfig>() as u32,
+    ),
 ];
 
-/// The maps the agent pins and adopts across restarts (all of [`MAPS`] but the
-/// debugging counter of `flannel_stats`).
+/// The maps the vxlan fast path pins and adopts across restarts (all of [`MAPS`] but the
+/// debugging counter of `flannel_stats` and the udp backend's configuration).
 pub const PINNED_MAPS: &[&str] = &[
     MAP_CONFIG,
     MAP_PEERS,
@@ -90,5 +109,21 @@ pub const PINNED_MAPS: &[&str] = &[
     MAP_REASONS,
 ];
 
+/// The maps the udp fast path pins and adopts across restarts: its own configuration
+/// and the peer, source and counter maps it shares in type with the vxlan path.
+pub const UDP_PINNED_MAPS: &[&str] = &[
+    MAP_UDP_CONFIG,
+    MAP_PEERS,
+    MAP_SOURCES,
+    MAP_PEER_COUNTERS,
+    MAP_REASONS,
+];
+
 /// Every program the BPF object must contain.
-pub const PROGRAMS: &[&str] = &[PROG_STATS, PROG_ENCAP, PROG_DECAP];
+pub const PROGRAMS: &[&str] = &[
+    PROG_STATS,
+    PROG_ENCAP,
+    PROG_DECAP,
+    PROG_UDP_ENCAP,
+    PROG_UDP_DECAP,
+];

@@ -94,6 +94,38 @@ const _: () = assert!(core::mem::align_of::<Config>() == 4);
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Config {}
 
+/// This node as the udp fast path sees it; the only entry (key 0) of
+/// [`crate::MAP_UDP_CONFIG`]. Same conventions as [`Config`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// Our PublicIP: the outer source of encap, the outer destination decap accepts.
+    pub public_ip_be: u32,
+    /// Our lease subnet's network address (decap delivers only inner destinations in it).
+    pub subnet_be: u32,
+    /// Our lease subnet's netmask.
+    pub subnet_mask_be: u32,
+    /// The underlay (external) interface: where encap sends, where decap runs.
+    pub underlay_ifindex: u32,
+    /// The TUN device (`flannel0`): where encap runs, where decap delivers.
+    pub tun_ifindex: u32,
+    /// MTU of the underlay interface; bigger non-GSO packets after encap go to the TUN.
+    pub underlay_mtu: u32,
+    /// [`FLAG_PEERS_SYNCED`] and future bits.
+    pub flags: u32,
+    /// flannel's `Port` (default 8285), network order: the outer UDP destination.
+    pub port_be: u16,
+    /// Padding to the 4-byte alignment; always zero.
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<UdpConfig>() == 32);
+const _: () = assert!(core::mem::align_of::<UdpConfig>() == 4);
+
+// SAFETY: `#[repr(C)]`, integer fields only, the padding written out (size check above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for UdpConfig {}
+
 /// Key of [`crate::MAP_PEERS`], an LPM trie: the layout of aya's `lpm_trie::Key<u32>`
 /// (prefix length in bits, then the network-order address).
 #[repr(C)]
@@ -119,7 +151,8 @@ pub struct Peer {
     pub public_ip_be: u32,
     /// The peer's slot in [`crate::MAP_PEER_COUNTERS`], below [`MAX_PEERS`].
     pub index: u32,
-    /// The peer's VtepMAC: the inner destination MAC its `flannel.<VNI>` accepts.
+    /// The peer's VtepMAC: the inner destination MAC its `flannel.<VNI>` accepts. Zero
+    /// for the udp backend, whose wire format has no inner Ethernet header.
     pub vtep_mac: [u8; 6],
     /// Padding to the 4-byte alignment; always zero.
     pub _pad: [u8; 2],
@@ -134,7 +167,7 @@ unsafe impl aya::Pod for Peer {}
 /// Key of [`crate::MAP_SOURCES`]: a peer's PublicIP, network order.
 pub type SourceKey = u32;
 
-/// Value of [`crate::MAP_SOURCES`]: what a VXLAN sender may put inside.
+/// Value of [`crate::MAP_SOURCES`]: what a VXLAN (or flannel-udp) sender may put inside.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerSource {
@@ -155,8 +188,9 @@ const _: () = assert!(core::mem::size_of::<PeerSource>() == 16);
 unsafe impl aya::Pod for PeerSource {}
 
 /// Per-peer traffic carried by the fast path, one per CPU in
-/// [`crate::MAP_PEER_COUNTERS`]. Bytes are inner Ethernet frames (what crosses
-/// `flannel.<VNI>`); packets count GSO segments.
+/// [`crate::MAP_PEER_COUNTERS`]. Bytes are what crosses the overlay device: inner
+/// Ethernet frames on `flannel.<VNI>`, inner IPv4 packets on the udp backend's
+/// `flannel0`; packets count GSO segments.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCounters {
@@ -192,8 +226,9 @@ unsafe impl aya::Pod for PeerCounters {}
 /// Why a packet left the fast path: the index into [`crate::MAP_REASONS`].
 ///
 /// `DROP_*` reasons end in `TC_ACT_SHOT`; every other reason hands the packet, unchanged,
-/// to the kernel (`TC_ACT_OK`), whose vxlan driver then does what flannel always did.
-/// VXLAN-unrelated traffic on the underlay is not counted at all.
+/// to the kernel (`TC_ACT_OK`), whose vxlan driver (or, for the udp backend, the
+/// userspace reader of `flannel0` and of the UDP socket) then does what flannel always
+/// did. Traffic on the underlay that is not for the fast path is not counted at all.
 pub mod reason {
     /// Decap: VXLAN for us from an outer source that is no known peer's PublicIP.
     pub const DROP_UNKNOWN_SOURCE: u32 = 0;
@@ -231,9 +266,12 @@ pub mod reason {
     pub const PASS_NO_ROUTE: u32 = 15;
     /// Decap: VXLAN to our address and port with another VNI.
     pub const PASS_OTHER_VNI: u32 = 16;
+    /// udp backend: the inner TTL would reach zero with flanneld's decrement (flanneld
+    /// discards such packets; the userspace path decides).
+    pub const PASS_TTL_EXPIRED: u32 = 17;
 
     /// Number of reasons: the size of [`crate::MAP_REASONS`].
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Each reason's name, indexed by its number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -254,6 +292,7 @@ pub mod reason {
         "pass_no_config",
         "pass_no_route",
         "pass_other_vni",
+        "pass_ttl_expired",
     ];
 
     /// True for the reasons whose packets are dropped.
@@ -283,6 +322,10 @@ mod tests {
         assert_eq!(
             reason::NAMES[reason::PASS_OTHER_VNI as usize],
             "pass_other_vni"
+        );
+        assert_eq!(
+            reason::NAMES[reason::PASS_TTL_EXPIRED as usize],
+            "pass_ttl_expired"
         );
     }
 

@@ -3,11 +3,16 @@
 //!
 //! - `flannel_encap` (`flannel_common::PROG_ENCAP`): TC egress of `flannel.<VNI>`;
 //! - `flannel_decap` (`flannel_common::PROG_DECAP`): TC ingress of the underlay;
+//! - `flannel_udp_encap` (`flannel_common::PROG_UDP_ENCAP`): TC egress of the udp
+//!   backend's TUN `flannel0`;
+//! - `flannel_udp_decap` (`flannel_common::PROG_UDP_DECAP`): TC ingress of the underlay,
+//!   for the udp backend;
 //! - `flannel_stats` (`flannel_common::PROG_STATS`): counts packets, for debugging.
 //!
 //! The policy for errors: a `try_*` returns `Err(reason)`; reasons that are drops
 //! (`flannel_common::maps::reason::is_drop`) end in `TC_ACT_SHOT`, every other one hands
-//! the packet, unchanged, to the kernel's own vxlan path with `TC_ACT_OK`. Both are
+//! the packet, unchanged, to the kernel's own path with `TC_ACT_OK` (the vxlan driver,
+//! or the udp backend's userspace reader of `flannel0` and of its UDP socket). Both are
 //! counted per reason, so nothing is dropped silently.
 #![no_std]
 #![no_main]
@@ -15,6 +20,8 @@
 mod csum;
 mod maps;
 mod parse;
+mod tunnel;
+mod udp;
 mod vxlan;
 
 use aya_ebpf::{
@@ -40,12 +47,24 @@ pub fn flannel_decap(ctx: TcContext) -> i32 {
     verdict(vxlan::try_decap(&ctx))
 }
 
+/// Encapsulates flannel-udp for known peers at TC egress of `flannel0`.
+#[classifier]
+pub fn flannel_udp_encap(ctx: TcContext) -> i32 {
+    verdict(udp::try_encap(&ctx))
+}
+
+/// Decapsulates flannel-udp from known peers at TC ingress of the underlay.
+#[classifier]
+pub fn flannel_udp_decap(ctx: TcContext) -> i32 {
+    verdict(udp::try_decap(&ctx))
+}
+
 /// The action for a `try_*` result, counting the reason of anything not forwarded.
 #[inline(always)]
 fn verdict(result: Result<i32, u32>) -> i32 {
     match result {
         Ok(action) => action,
-        Err(vxlan::NOT_OURS) => ACT_OK,
+        Err(tunnel::NOT_OURS) => ACT_OK,
         Err(why) => {
             if let Some(slot) = maps::FLANNEL_REASONS.get_ptr_mut(why) {
                 // SAFETY: a successful per-CPU array lookup: this CPU's slot, valid for

@@ -3,6 +3,10 @@
 //! aya's `#[map(name = ...)]` takes only literals, so each name below is repeated from
 //! `flannel_common`; `tests/tests/ebpf_object.rs` fails if the two drift apart. None is
 //! pinned by the object itself: the agent chooses the pin paths (a versioned directory).
+//!
+//! The vxlan and the udp programs use the same peer, source and counter maps: each agent
+//! attaches one pair and pins that pair's maps in a directory of its own, so a loaded
+//! object never carries both kinds of traffic in one map.
 
 use aya_ebpf::{
     macros::map,
@@ -10,7 +14,10 @@ use aya_ebpf::{
 };
 use flannel_common::{
     Counters,
-    maps::{Config, MAX_PEERS, Peer, PeerCounters, PeerSource, STATS_ENTRIES, SourceKey, reason},
+    maps::{
+        Config, MAX_PEERS, Peer, PeerCounters, PeerSource, STATS_ENTRIES, SourceKey, UdpConfig,
+        reason,
+    },
 };
 
 /// `flannel_common::MAP_STATS`: per-CPU packet and byte counters.
@@ -20,6 +27,10 @@ pub static FLANNEL_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// `flannel_common::MAP_CONFIG`: this node (one entry, key 0).
 #[map(name = "FLANNEL_CONFIG")]
 pub static FLANNEL_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// `flannel_common::MAP_UDP_CONFIG`: this node for the udp programs (one entry, key 0).
+#[map(name = "FLANNEL_UDP_CONFIG")]
+pub static FLANNEL_UDP_CONFIG: Array<UdpConfig> = Array::with_max_entries(1, 0);
 
 /// `flannel_common::MAP_PEERS`: peer subnet (LPM, network-order `u32`) → peer.
 #[map(name = "FLANNEL_PEERS")]

@@ -21,6 +21,12 @@ pub const VXLAN_LEN: usize = 8;
 pub const ENCAP_LEN: usize = IPV4_LEN + UDP_LEN + VXLAN_LEN + ETH_LEN;
 /// Everything up to and including the inner IPv4 header of a VXLAN frame.
 pub const DECAP_HEADERS_LEN: usize = ETH_LEN + ENCAP_LEN + IPV4_LEN;
+/// Bytes flannel's udp backend adds in front of the inner IPv4 packet.
+pub const UDP_ENCAP_LEN: usize = IPV4_LEN + UDP_LEN;
+/// Everything up to and including the inner IPv4 header of a flannel-udp frame.
+pub const UDP_DECAP_HEADERS_LEN: usize = ETH_LEN + UDP_ENCAP_LEN + IPV4_LEN;
+/// Offset of the TTL (followed by the protocol and the checksum) in an IPv4 header.
+pub const IPV4_TTL_AT: usize = 8;
 
 /// An Ethernet header, as bytes.
 #[repr(C)]

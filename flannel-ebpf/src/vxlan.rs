@@ -32,14 +32,9 @@ use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup, bpf_redir_neigh,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect,
-        bpf_redirect_neigh,
-    },
+    helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -47,25 +42,16 @@ use flannel_common::maps::{Config, FLAG_PEERS_SYNCED, Peer, reason};
 
 use crate::{
     csum,
-    maps::{FLANNEL_CONFIG, FLANNEL_PEER_COUNTERS, FLANNEL_PEERS, FLANNEL_SOURCES},
+    maps::{FLANNEL_CONFIG, FLANNEL_PEERS, FLANNEL_SOURCES},
     parse::{
         DECAP_HEADERS_LEN, ENCAP_LEN, ETH_LEN, Eth, IPV4_LEN, Ipv4, UDP_LEN, Udp, Vxlan,
         ensure_linear, read, write,
     },
+    tunnel::{
+        ETH_P_IP, Flow, IPPROTO_UDP, NOT_OURS, OUTER_TTL, Route, count_peer, is_fragment, src_port,
+    },
 };
 
-/// Error value of the `try_*` functions for packets that are none of our business
-/// (not VXLAN for us): passed to the kernel and not counted.
-pub const NOT_OURS: u32 = u32::MAX;
-
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const IPPROTO_UDP: u8 = 17;
-const AF_INET: u8 = 2;
-/// The kernel's default `ip_local_port_range`, which `udp_flow_src_port` uses when the
-/// vxlan device has no `srcport` range (flannel sets none).
-const SRC_PORT_MIN: u32 = 32768;
-const SRC_PORT_MAX: u32 = 60999;
-const OUTER_TTL: u8 = 64;
 /// VXLAN flags word with only the I (valid VNI) bit.
 const VXLAN_FLAGS_I: [u8; 4] = [0x08, 0, 0, 0];
 /// ECN field values.
@@ -82,20 +68,6 @@ fn config() -> Option<Config> {
         return None;
     }
     Some(*cfg)
-}
-
-#[inline(always)]
-fn is_fragment(ip: &Ipv4) -> bool {
-    // MF set or a non-zero offset; DF (0x40) and the reserved bit do not matter.
-    (ip.frag[0] & 0x3f) != 0 || ip.frag[1] != 0
-}
-
-/// The kernel's `udp_flow_src_port`: the flow hash scaled into the local port range.
-#[inline(always)]
-fn src_port(hash: u32) -> u16 {
-    let hash = hash ^ (hash << 16);
-    let port = ((u64::from(hash) * u64::from(SRC_PORT_MAX - SRC_PORT_MIN)) >> 32) as u32;
-    (port + SRC_PORT_MIN) as u16
 }
 
 /// RFC 6040 / the kernel's `INET_ECN_encapsulate(0, inner)`.
@@ -153,24 +125,6 @@ fn encap_header(
     h
 }
 
-#[inline(always)]
-fn count_peer(index: u32, tx: bool, packets: u64, bytes: u64) {
-    let Some(slot) = FLANNEL_PEER_COUNTERS.get_ptr_mut(index) else {
-        return;
-    };
-    // SAFETY: `slot` comes from a successful lookup in a per-CPU array, so it points to
-    // this CPU's value for the whole run of the program; no other CPU writes it.
-    unsafe {
-        if tx {
-            (*slot).tx_packets = (*slot).tx_packets.wrapping_add(packets);
-            (*slot).tx_bytes = (*slot).tx_bytes.wrapping_add(bytes);
-        } else {
-            (*slot).rx_packets = (*slot).rx_packets.wrapping_add(packets);
-            (*slot).rx_bytes = (*slot).rx_bytes.wrapping_add(bytes);
-        }
-    }
-}
-
 /// Encapsulates a frame leaving `flannel.<VNI>` for a known peer and sends it out of the
 /// underlay. `Err(reason)` leaves the packet to the kernel (or drops it, for the
 /// `DROP_*` reasons).
@@ -207,43 +161,20 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
     let hash = unsafe { bpf_get_hash_recalc(skb) };
     let sport = src_port(hash);
 
-    // SAFETY: `bpf_fib_lookup` is plain old data (integers and unions of integers), for
-    // which all-zero is a valid value.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = sport.to_be();
-    fib.dport = cfg.port_be;
     // Non-GSO: let the route (and PMTU exceptions) check the outer length. GSO: each
     // segment fits, since flannel.<VNI>'s MTU is the underlay's minus 50.
-    fib.__bindgen_anon_1.tot_len = if gso_size == 0 {
-        outer_ip_len as u16
-    } else {
-        0
+    let flow = Flow {
+        src_be: cfg.public_ip_be,
+        dst_be: peer.public_ip_be,
+        sport,
+        dport_be: cfg.port_be,
+        tot_len: if gso_size == 0 {
+            outer_ip_len as u16
+        } else {
+            0
+        },
     };
-    fib.ifindex = cfg.underlay_ifindex;
-    fib.__bindgen_anon_3.ipv4_src = cfg.public_ip_be;
-    fib.__bindgen_anon_4.ipv4_dst = peer.public_ip_be;
-    // SAFETY: `skb` is the context; `fib` is a live, writable stack struct of the size
-    // passed.
-    let rc = unsafe {
-        fib_lookup(
-            skb.cast(),
-            &raw mut fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            u32::from(BPF_FIB_LOOKUP_OUTPUT),
-        )
-    };
-    let next_hop = match rc {
-        r if r == i64::from(BPF_FIB_LKUP_RET_SUCCESS) => NextHop::Resolved,
-        r if r == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) => NextHop::Unresolved,
-        // The FIB helper insists on forwarding being enabled on the underlay, even for
-        // output lookups; the kernel's own route lookup in `bpf_redirect_neigh` does not.
-        r if r == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) => NextHop::KernelRoute,
-        r if r == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) => return Err(reason::PASS_OVERSIZE),
-        r if r < 0 => return Err(reason::PASS_HELPER_FAILED),
-        _ => return Err(reason::PASS_NO_ROUTE),
-    };
+    let mut route = Route::lookup(ctx, cfg.underlay_ifindex, &flow)?;
 
     // SAFETY: the helper has no preconditions.
     let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
@@ -260,52 +191,12 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
 
     // From here on the packet is no longer the kernel's: a failure can only drop it.
     write(ctx, ETH_LEN, &header).map_err(|()| reason::DROP_REWRITE_FAILED)?;
-    if let NextHop::Resolved = next_hop {
-        let outer_eth = Eth {
-            dst: fib.dmac,
-            src: fib.smac,
-            proto: ETH_P_IP,
-        };
+    if let Some(outer_eth) = route.outer_eth() {
         write(ctx, 0, &outer_eth).map_err(|()| reason::DROP_REWRITE_FAILED)?;
     }
     let packets = if gso_segs == 0 { 1 } else { gso_segs };
     count_peer(peer.index, true, u64::from(packets), u64::from(frame_len));
-
-    let action = match next_hop {
-        // SAFETY: the helper only records the target; `fib.ifindex` came from the FIB.
-        NextHop::Resolved => unsafe { bpf_redirect(fib.ifindex, 0) },
-        NextHop::Unresolved => {
-            // SAFETY: `bpf_redir_neigh` is plain old data; all-zero is valid.
-            let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-            nh.nh_family = u32::from(AF_INET);
-            // SAFETY: writing a `Copy` union field, and reading the one the FIB lookup set.
-            unsafe { nh.__bindgen_anon_1.ipv4_nh = fib.__bindgen_anon_4.ipv4_dst };
-            // SAFETY: `nh` is a live stack struct of the size passed.
-            unsafe {
-                bpf_redirect_neigh(
-                    fib.ifindex,
-                    &raw mut nh,
-                    size_of::<bpf_redir_neigh>() as i32,
-                    0,
-                )
-            }
-        }
-        // SAFETY: a null `params` with length 0 asks the kernel to route the packet itself.
-        NextHop::KernelRoute => unsafe {
-            bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0)
-        },
-    };
-    Ok(action as i32)
-}
-
-/// How encap reaches the peer's PublicIP.
-enum NextHop {
-    /// The FIB gave the next hop's MAC: write the outer Ethernet header, `bpf_redirect`.
-    Resolved,
-    /// The FIB knows the next hop but not its MAC: `bpf_redirect_neigh` to it.
-    Unresolved,
-    /// The FIB helper declined (forwarding disabled): `bpf_redirect_neigh` routes itself.
-    KernelRoute,
+    Ok(route.redirect(cfg.underlay_ifindex) as i32)
 }
 
 /// Decapsulates VXLAN for us from a known peer and delivers the inner frame to the

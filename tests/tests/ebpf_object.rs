@@ -14,9 +14,10 @@ use aya_obj::{
     },
 };
 use flannel_common::{
-    Counters, MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, MAP_STATS, MAPS,
-    PINNED_MAPS, PROG_STATS, PROGRAMS,
-    maps::{MAX_PEERS, STATS_ENTRIES, STATS_INDEX_ALL, StatsKey, reason},
+    Counters, MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, MAP_STATS,
+    MAP_UDP_CONFIG, MAPS, PINNED_MAPS, PROG_DECAP, PROG_ENCAP, PROG_STATS, PROG_UDP_DECAP,
+    PROG_UDP_ENCAP, PROGRAMS, UDP_PINNED_MAPS,
+    maps::{MAX_PEERS, STATS_ENTRIES, STATS_INDEX_ALL, StatsKey, UdpConfig, reason},
 };
 use flannel_tests::{require_root, skip};
 
@@ -61,6 +62,7 @@ fn maps_match_flannel_common() {
         (MAP_SOURCES, BPF_MAP_TYPE_HASH, MAX_PEERS),
         (MAP_PEER_COUNTERS, BPF_MAP_TYPE_PERCPU_ARRAY, MAX_PEERS),
         (MAP_REASONS, BPF_MAP_TYPE_PERCPU_ARRAY, reason::COUNT),
+        (MAP_UDP_CONFIG, BPF_MAP_TYPE_ARRAY, 1),
     ] {
         let map = &obj.maps[name];
         assert_eq!(map.map_type(), map_type as u32, "{name} type");
@@ -72,12 +74,20 @@ fn maps_match_flannel_common() {
             "{name} pinning"
         );
     }
-    for name in PINNED_MAPS {
+    for name in PINNED_MAPS.iter().chain(UDP_PINNED_MAPS) {
         assert!(
             MAPS.iter().any(|m| m.0 == *name),
             "pinned map {name} not in MAPS"
         );
     }
+    // The udp fast path pins its own configuration, never the vxlan one, and the vxlan
+    // path never pins the udp configuration: one pin directory serves either.
+    assert!(UDP_PINNED_MAPS.contains(&MAP_UDP_CONFIG) && !UDP_PINNED_MAPS.contains(&MAP_CONFIG));
+    assert!(PINNED_MAPS.contains(&MAP_CONFIG) && !PINNED_MAPS.contains(&MAP_UDP_CONFIG));
+    assert_eq!(
+        obj.maps[MAP_UDP_CONFIG].value_size() as usize,
+        size_of::<UdpConfig>()
+    );
 
     let stats = &obj.maps[MAP_STATS];
     assert_eq!(stats.map_type(), BPF_MAP_TYPE_PERCPU_ARRAY as u32);
@@ -99,13 +109,41 @@ fn programs_match_flannel_common() {
                 obj.programs.keys()
             )
         });
-        // All three are TC classifiers.
+        // All of them are TC classifiers.
         assert!(
             matches!(prog.section, ProgramSection::SchedClassifier),
             "{name} is not a TC classifier: {:?}",
             prog.section
         );
     }
+    // Both fast paths: encap and decap each.
+    for name in [PROG_ENCAP, PROG_DECAP, PROG_UDP_ENCAP, PROG_UDP_DECAP] {
+        assert!(PROGRAMS.contains(&name), "{name} not in PROGRAMS");
+    }
+}
+
+/// The verifier of the running kernel accepts every program of the object (the vxlan and
+/// the udp fast path alike).
+#[test]
+fn verifier_accepts_every_program() {
+    const TEST: &str = "verifier_accepts_every_program";
+    if !require_root(TEST) {
+        return;
+    }
+    let Some(bytes) = object(TEST) else {
+        return;
+    };
+    let mut ebpf = Ebpf::load(bytes).expect("load the BPF object into the kernel");
+    for name in PROGRAMS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .expect("program present")
+            .try_into()
+            .expect("program is a classifier");
+        prog.load()
+            .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
+    }
+    flannel_agent::dataplane::UdpFastPath::probe().expect("udp fast path probe");
 }
 
 /// Loads `flannel_stats` into the kernel and runs it through BPF_PROG_TEST_RUN: the

@@ -54,9 +54,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flannel";
 /// Where bpffs is mounted (if it is not) when the default pin directory is used.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// Subdirectory of the pin directory holding the pinned links.
-const LINKS_DIR: &str = "links";
-const LINK_ENCAP: &str = "encap";
-const LINK_DECAP: &str = "decap";
+pub(super) const LINKS_DIR: &str = "links";
+pub(super) const LINK_ENCAP: &str = "encap";
+pub(super) const LINK_DECAP: &str = "decap";
 
 /// Errors of the eBPF dataplane.
 #[derive(Debug, Error)]
@@ -236,30 +236,27 @@ pub struct VxlanFastPath {
     pin_dir: PathBuf,
     layout_dir: PathBuf,
     config: Config,
-    /// The peer map's content, keyed by subnet.
-    peers: BTreeMap<Ipv4Net, Peer>,
-    /// Counter slots in use.
-    used_slots: BTreeSet<u32>,
+    table: PeerTable,
 }
 
 impl std::fmt::Debug for VxlanFastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VxlanFastPath")
             .field("pin_dir", &self.pin_dir)
-            .field("peers", &self.peers.len())
+            .field("peers", &self.table.len())
             .finish_non_exhaustive()
     }
 }
 
-fn to_be(ip: Ipv4Addr) -> u32 {
+pub(super) fn to_be(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-fn from_be(v: u32) -> Ipv4Addr {
+pub(super) fn from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-fn map_err(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> EbpfError {
+pub(super) fn map_err(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     move |e| EbpfError::Map {
         op,
         name,
@@ -267,7 +264,7 @@ fn map_err(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> Ebp
     }
 }
 
-fn classifier<'a>(
+pub(super) fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, EbpfError> {
@@ -285,7 +282,7 @@ fn classifier<'a>(
 }
 
 /// Creates `path` (and missing parents) with mode 0700, and forces 0700 on it.
-fn make_private_dir(path: &Path) -> Result<(), EbpfError> {
+pub(super) fn make_private_dir(path: &Path) -> Result<(), EbpfError> {
     let dir_err = |op| {
         move |source| EbpfError::PinDir {
             op,
@@ -303,7 +300,7 @@ fn make_private_dir(path: &Path) -> Result<(), EbpfError> {
 
 /// Makes sure `pin_dir` can hold pins: mounts bpffs at /sys/fs/bpf for a directory
 /// below it if needed; any other directory must already be on bpffs.
-fn prepare_pin_dir(pin_dir: &Path) -> Result<(), EbpfError> {
+pub(super) fn prepare_pin_dir(pin_dir: &Path) -> Result<(), EbpfError> {
     if pin_dir.starts_with(BPFFS_ROOT) {
         let root = Path::new(BPFFS_ROOT);
         let mounted = sys::is_bpffs(root).map_err(|source| EbpfError::PinDir {
@@ -338,10 +335,11 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), EbpfError> {
     make_private_dir(pin_dir)
 }
 
-/// Refuses pinned maps in `layout_dir` whose sizes differ from this build's.
-fn check_pinned_layout(layout_dir: &Path) -> Result<(), EbpfError> {
+/// Refuses pinned maps (of those named in `pinned`) in `layout_dir` whose sizes differ
+/// from this build's.
+pub(super) fn check_pinned_layout(layout_dir: &Path, pinned: &[&str]) -> Result<(), EbpfError> {
     for &(name, key, value) in MAPS {
-        if !PINNED_MAPS.contains(&name) {
+        if !pinned.contains(&name) {
             continue;
         }
         let path = layout_dir.join(name);
@@ -362,7 +360,7 @@ fn check_pinned_layout(layout_dir: &Path) -> Result<(), EbpfError> {
 }
 
 /// Pinned layout directories (`v<N>`) other than ours.
-fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
+pub(super) fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
     let entries = fs::read_dir(pin_dir).map_err(|source| EbpfError::PinDir {
         op: "list",
         path: pin_dir.to_owned(),
@@ -386,7 +384,7 @@ fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
 }
 
 /// Removes every pin in `dir`, then `dir` itself.
-fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
+pub(super) fn remove_pins(dir: &Path) -> Result<(), EbpfError> {
     let rm_err = |op, path: &Path| {
         let path = path.to_owned();
         move |source| EbpfError::PinDir { op, path, source }
@@ -441,7 +439,7 @@ fn live_pinned_link(
 
 /// Loads program `name` and attaches it to `ifindex`, replacing the program of the link
 /// pinned at `link_path` in place when that link is live, else with a new pinned link.
-fn attach_program(
+pub(super) fn attach_program(
     ebpf: &mut Ebpf,
     name: &'static str,
     ifindex: u32,
@@ -490,6 +488,264 @@ fn attach_program(
     Ok(())
 }
 
+/// Detaches the programs of the links pinned in `links` (encap and decap) and removes
+/// the pins and the directory.
+pub(super) fn unpin_links(links: &Path) -> Result<(), EbpfError> {
+    for name in [LINK_ENCAP, LINK_DECAP] {
+        let path = links.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| EbpfError::Link {
+            op: "open pinned",
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        // Unpinning drops the last reference but ours; dropping ours detaches.
+        let fd = pinned.unpin().map_err(|source| EbpfError::PinDir {
+            op: "unpin",
+            path: path.clone(),
+            source,
+        })?;
+        drop(fd);
+    }
+    remove_pins(links)
+}
+
+pub(super) fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, EbpfError> {
+    ebpf.map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })
+}
+
+/// Packets that left the fast path of `ebpf`, per reason, summed over CPUs.
+pub(super) fn drop_counters(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>, EbpfError> {
+    let map = ebpf.map(MAP_REASONS).ok_or(EbpfError::Missing {
+        kind: "map",
+        name: MAP_REASONS,
+    })?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(map_err("open", MAP_REASONS))?;
+    (0..reason::COUNT)
+        .map(|i| {
+            let per_cpu = counters.get(&i, 0).map_err(map_err("read", MAP_REASONS))?;
+            Ok((
+                reason::NAMES[i as usize],
+                per_cpu.iter().fold(0u64, |a, c| a.wrapping_add(*c)),
+            ))
+        })
+        .collect()
+}
+
+/// The peer maps (`FLANNEL_PEERS`, `FLANNEL_SOURCES`, `FLANNEL_PEER_COUNTERS`) as the
+/// agent wrote them, and the writes that keep them consistent. The vxlan and the udp
+/// fast path share it: their programs use the same maps (each in its own pin directory).
+#[derive(Debug, Default)]
+pub(super) struct PeerTable {
+    /// The peer map's content, keyed by subnet.
+    peers: BTreeMap<Ipv4Net, Peer>,
+    /// Counter slots in use.
+    used_slots: BTreeSet<u32>,
+}
+
+impl PeerTable {
+    /// Reads the (adopted) peer map of `ebpf`.
+    pub(super) fn load(ebpf: &Ebpf) -> Result<PeerTable, EbpfError> {
+        let map = ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: MAP_PEERS,
+        })?;
+        let trie: LpmTrie<_, u32, Peer> =
+            LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+        let mut table = PeerTable::default();
+        for item in trie.iter() {
+            let (key, peer) = item.map_err(map_err("iterate", MAP_PEERS))?;
+            let Ok(net) = Ipv4Net::new(from_be(key.data()), key.prefix_len() as u8) else {
+                continue;
+            };
+            table.used_slots.insert(peer.index);
+            table.peers.insert(net, peer);
+        }
+        Ok(table)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The peers in the map, by subnet.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&Ipv4Net, &Peer)> {
+        self.peers.iter()
+    }
+
+    /// Adds or updates one peer; `Ok(false)` when the maps already said the same.
+    pub(super) fn upsert(
+        &mut self,
+        ebpf: &mut Ebpf,
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        vtep_mac: [u8; 6],
+    ) -> Result<bool, EbpfError> {
+        let subnet = subnet.trunc();
+        let old = self.peers.get(&subnet).copied();
+        let index = match old {
+            Some(p) => p.index,
+            None => self.allocate_slot()?,
+        };
+        let peer = Peer {
+            public_ip_be: to_be(public_ip),
+            index,
+            vtep_mac,
+            _pad: [0; 2],
+        };
+        if old == Some(peer) {
+            return Ok(false);
+        }
+        if old.is_none() {
+            reset_counters(ebpf, index)?;
+        }
+        let source = PeerSource {
+            subnet_be: to_be(subnet.addr()),
+            mask_be: to_be(subnet.netmask()),
+            index,
+            _pad: 0,
+        };
+        {
+            let map = map_mut(ebpf, MAP_SOURCES)?;
+            let mut sources: HashMap<_, u32, PeerSource> =
+                HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
+            sources
+                .insert(peer.public_ip_be, source, 0)
+                .map_err(map_err("update", MAP_SOURCES))?;
+        }
+        {
+            let map = map_mut(ebpf, MAP_PEERS)?;
+            let mut trie: LpmTrie<_, u32, Peer> =
+                LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+            trie.insert(
+                &Key::new(u32::from(subnet.prefix_len()), to_be(subnet.addr())),
+                peer,
+                0,
+            )
+            .map_err(map_err("update", MAP_PEERS))?;
+        }
+        self.peers.insert(subnet, peer);
+        self.used_slots.insert(index);
+        // The peer moved to another PublicIP: its old source entry goes, after the new one
+        // is in place.
+        if let Some(old) = old
+            && old.public_ip_be != peer.public_ip_be
+        {
+            remove_source(ebpf, old.public_ip_be, index)?;
+        }
+        Ok(true)
+    }
+
+    /// Removes a peer (no-op when it is not there).
+    pub(super) fn remove(&mut self, ebpf: &mut Ebpf, subnet: Ipv4Net) -> Result<(), EbpfError> {
+        let subnet = subnet.trunc();
+        let Some(peer) = self.peers.get(&subnet).copied() else {
+            return Ok(());
+        };
+        {
+            let map = map_mut(ebpf, MAP_PEERS)?;
+            let mut trie: LpmTrie<_, u32, Peer> =
+                LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+            match trie.remove(&Key::new(
+                u32::from(subnet.prefix_len()),
+                to_be(subnet.addr()),
+            )) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("delete from", MAP_PEERS)(e)),
+            }
+        }
+        remove_source(ebpf, peer.public_ip_be, peer.index)?;
+        self.peers.remove(&subnet);
+        self.used_slots.remove(&peer.index);
+        debug!(%subnet, "fast path peer removed");
+        Ok(())
+    }
+
+    /// Removes every peer whose subnet is not in `wanted`.
+    pub(super) fn retain(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &BTreeSet<Ipv4Net>,
+    ) -> Result<(), EbpfError> {
+        let gone: Vec<Ipv4Net> = self
+            .peers
+            .keys()
+            .filter(|net| !wanted.contains(net))
+            .copied()
+            .collect();
+        for net in gone {
+            self.remove(ebpf, net)?;
+        }
+        Ok(())
+    }
+
+    fn allocate_slot(&self) -> Result<u32, EbpfError> {
+        (0..MAX_PEERS)
+            .find(|i| !self.used_slots.contains(i))
+            .ok_or(EbpfError::PeerTableFull)
+    }
+
+    /// Traffic the fast path carried per peer, summed over CPUs.
+    pub(super) fn counters(&self, ebpf: &Ebpf) -> Result<Vec<(Ipv4Net, PeerCounters)>, EbpfError> {
+        let map = ebpf.map(MAP_PEER_COUNTERS).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: MAP_PEER_COUNTERS,
+        })?;
+        let counters: PerCpuArray<_, PeerCounters> =
+            PerCpuArray::try_from(map).map_err(map_err("open", MAP_PEER_COUNTERS))?;
+        self.peers
+            .iter()
+            .map(|(net, peer)| {
+                let per_cpu = counters
+                    .get(&peer.index, 0)
+                    .map_err(map_err("read", MAP_PEER_COUNTERS))?;
+                let sum = per_cpu
+                    .iter()
+                    .fold(PeerCounters::default(), |acc, c| acc.add(*c));
+                Ok((*net, sum))
+            })
+            .collect()
+    }
+}
+
+/// Removes the source entry of `public_ip_be` if it still belongs to slot `index`.
+fn remove_source(ebpf: &mut Ebpf, public_ip_be: u32, index: u32) -> Result<(), EbpfError> {
+    let map = map_mut(ebpf, MAP_SOURCES)?;
+    let mut sources: HashMap<_, u32, PeerSource> =
+        HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
+    match sources.get(&public_ip_be, 0) {
+        Ok(s) if s.index == index => match sources.remove(&public_ip_be) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("delete from", MAP_SOURCES)(e)),
+        },
+        Ok(_) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_err("read", MAP_SOURCES)(e)),
+    }
+}
+
+fn reset_counters(ebpf: &mut Ebpf, index: u32) -> Result<(), EbpfError> {
+    let cpus = nr_cpus().map_err(|(_, e)| EbpfError::Map {
+        op: "count cpus for",
+        name: MAP_PEER_COUNTERS,
+        source: Box::new(MapError::IoError(e)),
+    })?;
+    let zero = PerCpuValues::try_from(vec![PeerCounters::default(); cpus])
+        .map_err(|e| map_err("size", MAP_PEER_COUNTERS)(MapError::IoError(e)))?;
+    let map = map_mut(ebpf, MAP_PEER_COUNTERS)?;
+    let mut counters: PerCpuArray<_, PeerCounters> =
+        PerCpuArray::try_from(map).map_err(map_err("open", MAP_PEER_COUNTERS))?;
+    counters
+        .set(index, zero, 0)
+        .map_err(map_err("reset", MAP_PEER_COUNTERS))
+}
+
 impl VxlanFastPath {
     /// Loads the programs, adopts or creates the pinned maps, writes the configuration
     /// and attaches both programs (replacing, without a gap, programs a previous agent
@@ -509,7 +765,7 @@ impl VxlanFastPath {
         let layout_dir = cfg.pin_dir.join(format!("v{LAYOUT_VERSION}"));
         make_private_dir(&layout_dir)?;
         make_private_dir(&cfg.pin_dir.join(LINKS_DIR))?;
-        check_pinned_layout(&layout_dir)?;
+        check_pinned_layout(&layout_dir, PINNED_MAPS)?;
         let old_layouts = other_layouts(&cfg.pin_dir)?;
 
         let mut loader = EbpfLoader::new();
@@ -525,18 +781,17 @@ impl VxlanFastPath {
             pin_dir: cfg.pin_dir.clone(),
             layout_dir,
             config: Config::default(),
-            peers: BTreeMap::new(),
-            used_slots: BTreeSet::new(),
+            table: PeerTable::default(),
         };
         let previous = fp.read_config()?;
-        fp.load_peers()?;
+        fp.table = PeerTable::load(&fp.ebpf)?;
         for (version, dir) in &old_layouts {
             fp.migrate_from(*version, dir);
         }
         let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
         if previous.public_ip_be != 0 {
             info!(
-                peers = fp.peers.len(),
+                peers = fp.table.len(),
                 synced, "adopted pinned eBPF maps (layout v{LAYOUT_VERSION})"
             );
         }
@@ -611,33 +866,12 @@ impl VxlanFastPath {
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or(EbpfError::Missing { kind: "map", name })
-    }
-
-    /// Reads the (adopted) peer map into memory.
-    fn load_peers(&mut self) -> Result<(), EbpfError> {
-        let map = self.ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_PEERS,
-        })?;
-        let trie: LpmTrie<_, u32, Peer> =
-            LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
-        for item in trie.iter() {
-            let (key, peer) = item.map_err(map_err("iterate", MAP_PEERS))?;
-            let Ok(net) = Ipv4Net::new(from_be(key.data()), key.prefix_len() as u8) else {
-                continue;
-            };
-            self.used_slots.insert(peer.index);
-            self.peers.insert(net, peer);
-        }
-        Ok(())
+        map_mut(&mut self.ebpf, name)
     }
 
     /// The peers in the map now.
     pub fn peers(&self) -> Vec<PeerEntry> {
-        self.peers
+        self.table
             .iter()
             .map(|(subnet, p)| PeerEntry {
                 subnet: *subnet,
@@ -656,15 +890,7 @@ impl VxlanFastPath {
         for entry in desired {
             self.upsert_peer(entry)?;
         }
-        let gone: Vec<Ipv4Net> = self
-            .peers
-            .keys()
-            .filter(|net| !wanted.contains(net))
-            .copied()
-            .collect();
-        for net in gone {
-            self.remove_peer(net)?;
-        }
+        self.table.retain(&mut self.ebpf, &wanted)?;
         if self.config.flags & FLAG_PEERS_SYNCED == 0 {
             self.config.flags |= FLAG_PEERS_SYNCED;
             self.write_config()?;
@@ -674,165 +900,33 @@ impl VxlanFastPath {
 
     /// Adds or updates one peer (no-op when the maps already say the same).
     pub fn upsert_peer(&mut self, entry: &PeerEntry) -> Result<(), EbpfError> {
-        let subnet = entry.subnet.trunc();
-        let old = self.peers.get(&subnet).copied();
-        let index = match old {
-            Some(p) => p.index,
-            None => self.allocate_slot()?,
-        };
-        let peer = Peer {
-            public_ip_be: to_be(entry.public_ip),
-            index,
-            vtep_mac: entry.vtep_mac.0,
-            _pad: [0; 2],
-        };
-        if old == Some(peer) {
-            return Ok(());
+        let changed = self.table.upsert(
+            &mut self.ebpf,
+            entry.subnet,
+            entry.public_ip,
+            entry.vtep_mac.0,
+        )?;
+        if changed {
+            debug!(subnet = %entry.subnet.trunc(), public_ip = %entry.public_ip, vtep_mac = %entry.vtep_mac, "fast path peer set");
         }
-        if old.is_none() {
-            self.reset_counters(index)?;
-        }
-        let source = PeerSource {
-            subnet_be: to_be(subnet.addr()),
-            mask_be: to_be(subnet.netmask()),
-            index,
-            _pad: 0,
-        };
-        {
-            let map = self.map_mut(MAP_SOURCES)?;
-            let mut sources: HashMap<_, u32, PeerSource> =
-                HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
-            sources
-                .insert(peer.public_ip_be, source, 0)
-                .map_err(map_err("update", MAP_SOURCES))?;
-        }
-        {
-            let map = self.map_mut(MAP_PEERS)?;
-            let mut trie: LpmTrie<_, u32, Peer> =
-                LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
-            trie.insert(
-                &Key::new(u32::from(subnet.prefix_len()), to_be(subnet.addr())),
-                peer,
-                0,
-            )
-            .map_err(map_err("update", MAP_PEERS))?;
-        }
-        self.peers.insert(subnet, peer);
-        self.used_slots.insert(index);
-        // The peer moved to another PublicIP: its old source entry goes, after the new one
-        // is in place.
-        if let Some(old) = old
-            && old.public_ip_be != peer.public_ip_be
-        {
-            self.remove_source(old.public_ip_be, index)?;
-        }
-        debug!(%subnet, public_ip = %entry.public_ip, vtep_mac = %entry.vtep_mac, "fast path peer set");
         Ok(())
     }
 
     /// Removes a peer (no-op when it is not there).
     pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), EbpfError> {
-        let subnet = subnet.trunc();
-        let Some(peer) = self.peers.get(&subnet).copied() else {
-            return Ok(());
-        };
-        {
-            let map = self.map_mut(MAP_PEERS)?;
-            let mut trie: LpmTrie<_, u32, Peer> =
-                LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
-            match trie.remove(&Key::new(
-                u32::from(subnet.prefix_len()),
-                to_be(subnet.addr()),
-            )) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("delete from", MAP_PEERS)(e)),
-            }
-        }
-        self.remove_source(peer.public_ip_be, peer.index)?;
-        self.peers.remove(&subnet);
-        self.used_slots.remove(&peer.index);
-        debug!(%subnet, "fast path peer removed");
-        Ok(())
-    }
-
-    /// Removes the source entry of `public_ip_be` if it still belongs to slot `index`.
-    fn remove_source(&mut self, public_ip_be: u32, index: u32) -> Result<(), EbpfError> {
-        let map = self.map_mut(MAP_SOURCES)?;
-        let mut sources: HashMap<_, u32, PeerSource> =
-            HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
-        match sources.get(&public_ip_be, 0) {
-            Ok(s) if s.index == index => match sources.remove(&public_ip_be) {
-                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(map_err("delete from", MAP_SOURCES)(e)),
-            },
-            Ok(_) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err("read", MAP_SOURCES)(e)),
-        }
-    }
-
-    fn allocate_slot(&self) -> Result<u32, EbpfError> {
-        (0..MAX_PEERS)
-            .find(|i| !self.used_slots.contains(i))
-            .ok_or(EbpfError::PeerTableFull)
-    }
-
-    fn reset_counters(&mut self, index: u32) -> Result<(), EbpfError> {
-        let cpus = nr_cpus().map_err(|(_, e)| EbpfError::Map {
-            op: "count cpus for",
-            name: MAP_PEER_COUNTERS,
-            source: Box::new(MapError::IoError(e)),
-        })?;
-        let zero = PerCpuValues::try_from(vec![PeerCounters::default(); cpus])
-            .map_err(|e| map_err("size", MAP_PEER_COUNTERS)(MapError::IoError(e)))?;
-        let map = self.map_mut(MAP_PEER_COUNTERS)?;
-        let mut counters: PerCpuArray<_, PeerCounters> =
-            PerCpuArray::try_from(map).map_err(map_err("open", MAP_PEER_COUNTERS))?;
-        counters
-            .set(index, zero, 0)
-            .map_err(map_err("reset", MAP_PEER_COUNTERS))
+        self.table.remove(&mut self.ebpf, subnet)
     }
 
     /// Traffic the fast path carried per peer, summed over CPUs.
     pub fn peer_counters(&self) -> Result<Vec<(Ipv4Net, PeerCounters)>, EbpfError> {
-        let map = self.ebpf.map(MAP_PEER_COUNTERS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_PEER_COUNTERS,
-        })?;
-        let counters: PerCpuArray<_, PeerCounters> =
-            PerCpuArray::try_from(map).map_err(map_err("open", MAP_PEER_COUNTERS))?;
-        self.peers
-            .iter()
-            .map(|(net, peer)| {
-                let per_cpu = counters
-                    .get(&peer.index, 0)
-                    .map_err(map_err("read", MAP_PEER_COUNTERS))?;
-                let sum = per_cpu
-                    .iter()
-                    .fold(PeerCounters::default(), |acc, c| acc.add(*c));
-                Ok((*net, sum))
-            })
-            .collect()
+        self.table.counters(&self.ebpf)
     }
 
     /// Packets that left the fast path, per reason (`flannel_common::maps::reason`),
     /// summed over CPUs. Names starting with `drop_` were dropped, the rest went to the
     /// kernel.
     pub fn drop_counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
-        let map = self.ebpf.map(MAP_REASONS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_REASONS,
-        })?;
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(map_err("open", MAP_REASONS))?;
-        (0..reason::COUNT)
-            .map(|i| {
-                let per_cpu = counters.get(&i, 0).map_err(map_err("read", MAP_REASONS))?;
-                Ok((
-                    reason::NAMES[i as usize],
-                    per_cpu.iter().fold(0u64, |a, c| a.wrapping_add(*c)),
-                ))
-            })
-            .collect()
+        drop_counters(&self.ebpf)
     }
 
     /// The pin directory in use.
@@ -843,26 +937,7 @@ impl VxlanFastPath {
     /// Detaches both programs and removes every pin (links, maps, directories). For
     /// tests and for switching the dataplane off; a restart should just drop the value.
     pub fn detach_and_unpin(self) -> Result<(), EbpfError> {
-        let links = self.pin_dir.join(LINKS_DIR);
-        for name in [LINK_ENCAP, LINK_DECAP] {
-            let path = links.join(name);
-            if !path.exists() {
-                continue;
-            }
-            let pinned = PinnedLink::from_pin(&path).map_err(|e| EbpfError::Link {
-                op: "open pinned",
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            // Unpinning drops the last reference but ours; dropping ours detaches.
-            let fd = pinned.unpin().map_err(|source| EbpfError::PinDir {
-                op: "unpin",
-                path: path.clone(),
-                source,
-            })?;
-            drop(fd);
-        }
-        remove_pins(&links)?;
+        unpin_links(&self.pin_dir.join(LINKS_DIR))?;
         remove_pins(&self.layout_dir)?;
         drop(self.ebpf);
         // Only if empty: someone else's pins are never removed.

@@ -22,10 +22,12 @@
 
 pub mod ebpf;
 mod sys;
+pub mod udp;
 
 pub use ebpf::{
     DEFAULT_PIN_DIR, EbpfError, FastPathConfig, PeerEntry, VxlanFastPath, ebpf_object, probe,
 };
 pub use flannel_common::maps::PeerCounters;
+pub use udp::{UdpFastPath, UdpFastPathConfig, UdpPeerEntry};
 /// The subnet type of the fast path API ([`PeerEntry::subnet`], [`FastPathConfig::subnet`]).
 pub use ipnet::Ipv4Net;

@@ -1,0 +1,327 @@
+//! The eBPF fast path of flannel's udp backend: TC programs on `flannel0` and the underlay.
+//!
+//! Design note. The udp backend keeps flanneld's kernel state (the TUN `flannel0` with
+//! `IFF_TUN | IFF_NO_PI`, its `.0/32` address, MTU = underlay − 28, the route for the whole
+//! Network via `flannel0`) and its userspace proxy on `Port` (8285). This module puts two
+//! TC programs on top: `flannel_udp_encap` at the egress of `flannel0` and
+//! `flannel_udp_decap` at the ingress of the underlay. They move flanneld's packets (raw
+//! IPv4 in UDP, inner TTL decremented once each way) without the copies through
+//! userspace. Whatever they cannot handle stays on flanneld's path: encap leaves it in
+//! `flannel0` for the proxy to read, decap leaves it to the UDP socket. So the proxy must
+//! keep running; the maps only say which peers may take the fast lane.
+//!
+//! It shares everything but its configuration with the VXLAN fast path ([`super::ebpf`]):
+//! the BPF object, the peer, source and counter map types, the reasons, the pinning and
+//! adoption rules. Its pins live under `<pin_dir>/udp/` (`v<LAYOUT_VERSION>/<MAP>`,
+//! `links/{encap,decap}`), so the two never share state even with one `pin_dir`.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{Ebpf, EbpfLoader, maps::Array, programs::TcAttachType, util::KernelVersion};
+use flannel_common::{
+    LAYOUT_VERSION, MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP, UDP_PINNED_MAPS,
+    maps::{FLAG_PEERS_SYNCED, PeerCounters, UdpConfig},
+};
+use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
+
+use super::ebpf::{
+    EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, PeerTable, attach_program, check_pinned_layout,
+    classifier, drop_counters, ebpf_object, from_be, make_private_dir, map_err, map_mut,
+    other_layouts, prepare_pin_dir, remove_pins, to_be, unpin_links,
+};
+
+/// Subdirectory of the pin directory that holds the udp fast path's pins.
+pub const UDP_PIN_SUBDIR: &str = "udp";
+
+/// What the udp fast path needs to know about this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpFastPathConfig {
+    /// `flannel0`'s ifindex: encap runs at its TC egress, decap delivers to its ingress.
+    pub tun_ifindex: u32,
+    /// The external interface's ifindex: decap runs at its TC ingress, encap sends there.
+    pub underlay_ifindex: u32,
+    /// The external interface's MTU (non-GSO packets that would exceed it after encap
+    /// stay on the userspace path).
+    pub underlay_mtu: u32,
+    /// Our PublicIP (outer source; the outer destination decap accepts).
+    pub public_ip: Ipv4Addr,
+    /// flannel's `Port` (default 8285): the outer UDP destination, and what decap takes.
+    pub port: u16,
+    /// Our lease subnet; decap delivers only inner destinations inside it.
+    pub subnet: Ipv4Net,
+    /// The pin directory, shared with the vxlan path ([`super::DEFAULT_PIN_DIR`]; tests use
+    /// a private bpffs); the pins go into its [`UDP_PIN_SUBDIR`].
+    pub pin_dir: PathBuf,
+}
+
+/// One peer lease, as the udp fast path needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpPeerEntry {
+    /// The peer's lease subnet.
+    pub subnet: Ipv4Net,
+    /// The peer's PublicIP (where its flanneld, or its fast path, listens on `Port`).
+    pub public_ip: Ipv4Addr,
+}
+
+/// The attached udp fast path. Dropping it leaves the programs attached (pinned links)
+/// and the maps pinned: forwarding goes on without the agent.
+pub struct UdpFastPath {
+    ebpf: Ebpf,
+    /// `<pin_dir>/udp`.
+    root: PathBuf,
+    layout_dir: PathBuf,
+    config: UdpConfig,
+    table: PeerTable,
+}
+
+impl std::fmt::Debug for UdpFastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpFastPath")
+            .field("pin_dir", &self.root)
+            .field("peers", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpFastPath {
+    /// Checks that this flanneld and kernel can run the udp fast path, without attaching
+    /// anything: the object is built in, the kernel has TCX (6.6+), maps can be created
+    /// and the verifier accepts both udp programs. For `--dataplane auto`.
+    pub fn probe() -> Result<(), EbpfError> {
+        let object = ebpf_object()?;
+        let version = KernelVersion::current().map_err(|e| EbpfError::Unsupported {
+            capability: "reading the kernel version",
+            source: Some(e.to_string().into()),
+        })?;
+        if version < KernelVersion::new(6, 6, 0) {
+            return Err(EbpfError::Unsupported {
+                capability: "tcx links (linux 6.6 or later)",
+                source: None,
+            });
+        }
+        let mut ebpf = EbpfLoader::new()
+            .load(object)
+            .map_err(|e| EbpfError::Unsupported {
+                capability: "creating bpf maps (needs CAP_BPF or root)",
+                source: Some(Box::new(e)),
+            })?;
+        for name in [PROG_UDP_ENCAP, PROG_UDP_DECAP] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|e| EbpfError::Unsupported {
+                    capability: "loading the udp tc programs (verifier or helpers)",
+                    source: Some(Box::new(e)),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Loads the programs, adopts or creates the pinned maps, writes the configuration
+    /// and attaches both programs (replacing, without a gap, programs a previous agent
+    /// left attached). Call from a thread in the network namespace of the interfaces,
+    /// once `flannel0` exists and is up.
+    ///
+    /// Until the first [`UdpFastPath::sync_peers`], flannel-udp from unknown sources is
+    /// left to the userspace proxy; call it right after attaching with the full peer set.
+    pub fn attach(cfg: UdpFastPathConfig) -> Result<UdpFastPath, EbpfError> {
+        let object = ebpf_object()?;
+        if cfg.public_ip.is_unspecified() {
+            return Err(EbpfError::Config("the public IP is unspecified"));
+        }
+        if cfg.port == 0 {
+            return Err(EbpfError::Config("the udp port is 0"));
+        }
+        prepare_pin_dir(&cfg.pin_dir)?;
+        let root = cfg.pin_dir.join(UDP_PIN_SUBDIR);
+        let layout_dir = root.join(format!("v{LAYOUT_VERSION}"));
+        make_private_dir(&layout_dir)?;
+        make_private_dir(&root.join(LINKS_DIR))?;
+        check_pinned_layout(&layout_dir, UDP_PINNED_MAPS)?;
+        let old_layouts = other_layouts(&root)?;
+
+        let mut loader = EbpfLoader::new();
+        for name in UDP_PINNED_MAPS {
+            loader.map_pin_path(name, layout_dir.join(name));
+        }
+        let ebpf = loader
+            .load(object)
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
+
+        let mut fp = UdpFastPath {
+            ebpf,
+            root,
+            layout_dir,
+            config: UdpConfig::default(),
+            table: PeerTable::default(),
+        };
+        let previous = fp.read_config()?;
+        fp.table = PeerTable::load(&fp.ebpf)?;
+        for (version, dir) in &old_layouts {
+            // Layout 2 is the first with the udp fast path: nothing older to convert.
+            // Peers come back with `sync_peers`; counters restart at zero.
+            warn!(
+                version,
+                current = LAYOUT_VERSION,
+                dir = %dir.display(),
+                "pinned udp maps of another layout are not reused; starting with new maps"
+            );
+        }
+        let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
+        if previous.public_ip_be != 0 {
+            info!(
+                peers = fp.table.len(),
+                synced, "adopted pinned udp eBPF maps (layout v{LAYOUT_VERSION})"
+            );
+        }
+        fp.config = UdpConfig {
+            public_ip_be: to_be(cfg.public_ip),
+            subnet_be: to_be(cfg.subnet.trunc().addr()),
+            subnet_mask_be: to_be(cfg.subnet.netmask()),
+            underlay_ifindex: cfg.underlay_ifindex,
+            tun_ifindex: cfg.tun_ifindex,
+            underlay_mtu: cfg.underlay_mtu,
+            flags: if synced { FLAG_PEERS_SYNCED } else { 0 },
+            port_be: cfg.port.to_be(),
+            _pad: 0,
+        };
+        fp.write_config()?;
+
+        let links = fp.root.join(LINKS_DIR);
+        attach_program(
+            &mut fp.ebpf,
+            PROG_UDP_DECAP,
+            cfg.underlay_ifindex,
+            TcAttachType::Ingress,
+            &links.join(LINK_DECAP),
+        )?;
+        attach_program(
+            &mut fp.ebpf,
+            PROG_UDP_ENCAP,
+            cfg.tun_ifindex,
+            TcAttachType::Egress,
+            &links.join(LINK_ENCAP),
+        )?;
+        // The old programs are gone from the links; their maps can go too.
+        for (version, dir) in &old_layouts {
+            remove_pins(dir)?;
+            info!(version, "removed pinned udp maps of an old layout");
+        }
+        Ok(fp)
+    }
+
+    fn read_config(&self) -> Result<UdpConfig, EbpfError> {
+        let map = self.ebpf.map(MAP_UDP_CONFIG).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: MAP_UDP_CONFIG,
+        })?;
+        let array: Array<_, UdpConfig> =
+            Array::try_from(map).map_err(map_err("open", MAP_UDP_CONFIG))?;
+        array.get(&0, 0).map_err(map_err("read", MAP_UDP_CONFIG))
+    }
+
+    fn write_config(&mut self) -> Result<(), EbpfError> {
+        let config = self.config;
+        let map = map_mut(&mut self.ebpf, MAP_UDP_CONFIG)?;
+        let mut array: Array<_, UdpConfig> =
+            Array::try_from(map).map_err(map_err("open", MAP_UDP_CONFIG))?;
+        array
+            .set(0, config, 0)
+            .map_err(map_err("write", MAP_UDP_CONFIG))
+    }
+
+    /// The peers in the map now.
+    pub fn peers(&self) -> Vec<UdpPeerEntry> {
+        self.table
+            .iter()
+            .map(|(subnet, p)| UdpPeerEntry {
+                subnet: *subnet,
+                public_ip: from_be(p.public_ip_be),
+            })
+            .collect()
+    }
+
+    /// Makes the peer maps equal `desired`: writes new and changed peers first, then
+    /// removes the ones no longer desired (update before delete). Unchanged peers are not
+    /// touched. Also enables dropping flannel-udp from unknown sources, now that every
+    /// peer is known.
+    pub fn sync_peers(&mut self, desired: &[UdpPeerEntry]) -> Result<(), EbpfError> {
+        let wanted: BTreeSet<Ipv4Net> = desired.iter().map(|p| p.subnet.trunc()).collect();
+        for entry in desired {
+            self.upsert_peer(entry)?;
+        }
+        self.table.retain(&mut self.ebpf, &wanted)?;
+        if self.config.flags & FLAG_PEERS_SYNCED == 0 {
+            self.config.flags |= FLAG_PEERS_SYNCED;
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// Adds or updates one peer (no-op when the maps already say the same).
+    pub fn upsert_peer(&mut self, entry: &UdpPeerEntry) -> Result<(), EbpfError> {
+        // The udp wire format has no inner Ethernet header: no VtepMAC.
+        let changed = self
+            .table
+            .upsert(&mut self.ebpf, entry.subnet, entry.public_ip, [0; 6])?;
+        if changed {
+            debug!(subnet = %entry.subnet.trunc(), public_ip = %entry.public_ip, "udp fast path peer set");
+        }
+        Ok(())
+    }
+
+    /// Removes a peer (no-op when it is not there).
+    pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), EbpfError> {
+        self.table.remove(&mut self.ebpf, subnet)
+    }
+
+    /// Traffic the fast path carried per peer, summed over CPUs. Bytes are inner IPv4
+    /// packets (what crosses `flannel0`).
+    pub fn peer_counters(&self) -> Result<Vec<(Ipv4Net, PeerCounters)>, EbpfError> {
+        self.table.counters(&self.ebpf)
+    }
+
+    /// Packets that left the fast path, per reason (`flannel_common::maps::reason`),
+    /// summed over CPUs. Names starting with `drop_` were dropped, the rest went to the
+    /// userspace path.
+    pub fn drop_counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
+        drop_counters(&self.ebpf)
+    }
+
+    /// Where this fast path's pins live (`<pin_dir>/udp`).
+    pub fn pin_dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// Detaches both programs and removes every pin of the udp fast path (links, maps,
+    /// its directory, and the shared pin directory if that is then empty). For tests and
+    /// for switching the dataplane off; a restart should just drop the value.
+    pub fn detach_and_unpin(self) -> Result<(), EbpfError> {
+        unpin_links(&self.root.join(LINKS_DIR))?;
+        remove_pins(&self.layout_dir)?;
+        drop(self.ebpf);
+        // Only if empty: someone else's pins are never removed.
+        let _ = fs::remove_dir(&self.root);
+        if let Some(parent) = self.root.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend keeps the fast path in async tasks.
+    #[test]
+    fn fast_path_is_send() {
+        fn send<T: Send>() {}
+        send::<UdpFastPath>();
+    }
+}
