@@ -188,6 +188,8 @@ struct HostReport {
     ready: bool,
     peer_logged: bool,
     overlay_ping: Option<bool>,
+    /// The dataplane `flanneld status` reports (ebpf, kernel, ...).
+    dataplane: Option<String>,
 }
 
 /// `FLANNEL_SUBNET=10.5.34.1/24` → `10.5.34.0/24`: the lease's subnet.
@@ -378,8 +380,8 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
         reports[i].peer_logged = seen.is_some();
     }
 
-    // Informational: a ping across the overlay to the other's flannel.1 address (the
-    // subnet's .0), which needs the VXLAN dataplane, not only the control plane.
+    // A ping across the overlay to the other's flannel.1 address (the subnet's .0),
+    // which needs the VXLAN dataplane, not only the control plane.
     for i in 0..HOSTS {
         let j = (i + 1) % HOSTS;
         if let Some(target) = subnets[j].as_deref().and_then(|s| s.split('/').next()) {
@@ -393,6 +395,18 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
                 .is_ok_and(|s| s.success());
             reports[i].overlay_ping = Some(ok);
         }
+        let status = Command::new(flanneld)
+            .arg("status")
+            .arg("--json")
+            .arg(format!(
+                "--subnet-file={}",
+                dir.join(format!("h{}/subnet.env", i + 1)).display()
+            ))
+            .output();
+        reports[i].dataplane = status.ok().and_then(|o| {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+            v["dataplane"].as_str().map(str::to_owned)
+        });
     }
 
     if STOP.load(Ordering::SeqCst) {
@@ -400,22 +414,22 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
     }
     println!();
     println!(
-        "{:<5} {:<12} {:<16} {:<6} {:<6} {:<12} {:<12}",
-        "host", "PublicIP", "subnet", "MTU", "READY", "peer logged", "overlay ping"
+        "{:<5} {:<12} {:<16} {:<6} {:<6} {:<10} {:<12} {:<12}",
+        "host", "PublicIP", "subnet", "MTU", "READY", "dataplane", "peer logged", "overlay ping"
     );
     let dash = "-".to_owned();
     for r in &reports {
         let yes = |b: bool| if b { "yes" } else { "NO" };
         println!(
-            "{:<5} {:<12} {:<16} {:<6} {:<6} {:<12} {:<12}",
+            "{:<5} {:<12} {:<16} {:<6} {:<6} {:<10} {:<12} {:<12}",
             r.name,
             r.public_ip.as_ref().unwrap_or(&dash),
             r.subnet.as_ref().unwrap_or(&dash),
             r.mtu.as_ref().unwrap_or(&dash),
             yes(r.ready),
+            r.dataplane.as_ref().unwrap_or(&dash),
             yes(r.peer_logged),
-            r.overlay_ping
-                .map_or("-", |b| if b { "yes" } else { "no (info)" }),
+            r.overlay_ping.map_or("-", yes),
         );
     }
     println!();
@@ -443,6 +457,9 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
         }
         if !r.peer_logged {
             fail(format!("{} did not log the other host as a peer", r.name));
+        }
+        if r.overlay_ping != Some(true) {
+            fail(format!("{} cannot ping the other host across the overlay", r.name));
         }
     }
     if subnets.iter().flatten().count() == HOSTS && subnets[0] == subnets[1] {
