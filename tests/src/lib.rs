@@ -940,6 +940,29 @@ impl OverlayHost {
     }
 }
 
+impl OverlayHost {
+    /// [`OverlayHost::flanneld`] run through `wrapper` (e.g. `setpriv` with dropped
+    /// capabilities): `ip netns exec <ns> <wrapper...> flanneld <flags>`.
+    pub fn flanneld_wrapped(&self, etcd: &Etcd, wrapper: &[&str], extra: &[&str]) -> Child {
+        static RUN: AtomicU32 = AtomicU32::new(0);
+        let (program, rest) = wrapper.split_first().expect("a wrapper program");
+        let mut cmd = self.ns.command(program);
+        cmd.args(rest)
+            .arg(flanneld_bin())
+            .arg(format!("--etcd-endpoints={}", etcd.endpoint()))
+            .arg("--iface=eth0")
+            .arg(format!("--subnet-file={}", self.subnet_file().display()))
+            .arg(format!("--state-dir={}", self.state_dir().display()))
+            .arg(format!("--bpf-pin-dir={}", self.pin_dir().display()))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET");
+        let n = RUN.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("flanneld-wrapped-{n}.log"));
+        Child::spawn_logged("flanneld", cmd, &log)
+    }
+}
+
 /// The etcd prefix flanneld uses by default.
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
 

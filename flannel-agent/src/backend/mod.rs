@@ -22,6 +22,7 @@
 pub mod fastpath;
 pub mod hostgw;
 pub mod reconcile;
+pub mod udp;
 pub mod vxlan;
 
 use std::{path::Path, time::Duration};
@@ -31,8 +32,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cli::Dataplane,
-    host::status::{PeerStatus, Refusal, VerdictCount},
     config::BackendConfig,
+    host::status::{PeerStatus, Refusal, VerdictCount},
     iface::ExternalInterface,
     netlink::{LinkEvent, Netlink, NetlinkError, Route},
     state::StateError,
@@ -58,8 +59,18 @@ pub enum BackendError {
         "--dataplane=ebpf: the {0} backend has no eBPF dataplane (kernel routing is used for host-gw; see the README's benchmark); use --dataplane=kernel or auto"
     )]
     NoEbpfFor(&'static str),
-    #[error("--dataplane=tun: the userspace TUN dataplane is not available yet")]
-    TunUnavailable,
+    #[error("--dataplane=tun: {0}")]
+    TunUnavailable(#[source] crate::dataplane::tun::TunError),
+    #[error(transparent)]
+    Tun(#[from] crate::dataplane::tun::TunError),
+    #[error(
+        "--dataplane=tun: the host-gw backend only routes, it has no TUN dataplane; use --dataplane=kernel or auto"
+    )]
+    NoTunForHostGw,
+    #[error(
+        "--dataplane=kernel: the udp backend has no kernel dataplane (flannel's udp is a userspace proxy); use --dataplane=tun or auto"
+    )]
+    NoKernelForUdp,
     #[error("{failed} of {total} kernel changes failed; they are retried at the next check")]
     Partial { failed: usize, total: usize },
 }
@@ -83,22 +94,50 @@ pub enum Backend {
     Vxlan(vxlan::VxlanBackend),
     /// flannel's host-gw backend: a route per peer via its PublicIP.
     HostGw(hostgw::HostGwBackend),
-    /// A backend with a lease but no dataplane here (udp for now, alloc always).
+    /// flannel's udp backend, and the vxlan backend on the TUN dataplane: one layer-3
+    /// device with a route for the Network, served by the userspace TUN dataplane.
+    Udp(udp::UdpBackend),
+    /// flannel's alloc backend: a lease and no dataplane, by design.
     Inert(Inert),
 }
 
 /// A backend that leases a subnet and programs nothing.
 pub struct Inert {
-    kind: InertKind,
     mtu: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InertKind {
-    /// flannel's udp backend; its TUN dataplane comes later.
-    Udp,
-    /// flannel's alloc backend: lease only, by design.
-    Alloc,
+/// Why the kernel's vxlan driver cannot be used, or `None` when it can: built in,
+/// loaded, or a module on disk the kernel will load on demand.
+fn kernel_vxlan_missing() -> Option<String> {
+    if Path::new("/sys/module/vxlan").exists() {
+        return None;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let listed = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .is_ok_and(|t| t.lines().any(|l| l.contains("/vxlan.ko")))
+    };
+    if listed("modules.builtin") || listed("modules.dep") || !dir.exists() {
+        // No module tree to look at (a container, say): let the kernel decide.
+        return None;
+    }
+    Some(format!(
+        "the kernel has no vxlan driver (not loaded, not in {})",
+        dir.display()
+    ))
+}
+
+/// Why the TUN dataplane cannot be used, or `None`.
+fn tun_missing() -> Option<String> {
+    crate::dataplane::tun::probe().err().map(|e| e.to_string())
+}
+
+fn refusal(dataplane: &str, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        dataplane: dataplane.into(),
+        reason: reason.into(),
+    }
 }
 
 impl Backend {
@@ -117,11 +156,7 @@ impl Backend {
         dataplane: Dataplane,
         pin_dir: &Path,
     ) -> Result<(Self, Vec<Refusal>), BackendError> {
-        use flannel_common::consts::UDP_OVERHEAD;
         let mut refused = Vec::new();
-        if dataplane == Dataplane::Tun {
-            return Err(BackendError::TunUnavailable);
-        }
         let backend = match cfg {
             BackendConfig::Vxlan(v) => {
                 let fast = match dataplane {
@@ -139,41 +174,77 @@ impl Backend {
                             pin_dir: Some(pin_dir.to_owned()),
                         }),
                         Err(e) => {
-                            refused.push(Refusal {
-                                dataplane: "ebpf".into(),
-                                reason: e.to_string(),
-                            });
+                            refused.push(refusal("ebpf", e.to_string()));
                             None
                         }
                     },
                 };
-                Self::Vxlan(vxlan::VxlanBackend::new(v, ext, network, state_dir, fast)?)
+                // auto: ebpf, then the kernel's vxlan device, then TUN.
+                let tun = match dataplane {
+                    Dataplane::Tun => {
+                        if let Err(e) = crate::dataplane::tun::probe() {
+                            return Err(BackendError::TunUnavailable(e));
+                        }
+                        true
+                    }
+                    Dataplane::Auto if fast.is_none() => match kernel_vxlan_missing() {
+                        Some(why) => {
+                            refused.push(refusal("kernel", why));
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                };
+                if tun {
+                    Self::Udp(udp::UdpBackend::vxlan(v, ext, network, state_dir)?)
+                } else {
+                    Self::Vxlan(vxlan::VxlanBackend::new(v, ext, network, state_dir, fast)?)
+                }
             }
             BackendConfig::HostGw => {
                 match dataplane {
                     Dataplane::Ebpf => return Err(BackendError::NoEbpfFor("host-gw")),
-                    Dataplane::Auto => refused.push(Refusal {
-                        dataplane: "ebpf".into(),
-                        reason: "host-gw uses kernel routing: an eBPF forwarder did not beat it"
-                            .into(),
-                    }),
-                    Dataplane::Kernel | Dataplane::Tun => {}
+                    Dataplane::Tun => return Err(BackendError::NoTunForHostGw),
+                    Dataplane::Auto => refused.push(refusal(
+                        "ebpf",
+                        "host-gw uses kernel routing: an eBPF forwarder did not beat it",
+                    )),
+                    Dataplane::Kernel => {}
                 }
                 Self::HostGw(hostgw::HostGwBackend::new(ext, network)?)
             }
-            BackendConfig::Udp(_) => {
-                if dataplane == Dataplane::Ebpf {
-                    return Err(BackendError::NoEbpfFor("udp"));
+            BackendConfig::Udp(u) => {
+                match dataplane {
+                    // The eBPF udp programs plug in here (udp::UdpPath).
+                    Dataplane::Ebpf => return Err(BackendError::NoEbpfFor("udp")),
+                    Dataplane::Kernel => return Err(BackendError::NoKernelForUdp),
+                    Dataplane::Tun => {
+                        if let Err(e) = crate::dataplane::tun::probe() {
+                            return Err(BackendError::TunUnavailable(e));
+                        }
+                    }
+                    Dataplane::Auto => {
+                        let why = match crate::dataplane::probe() {
+                            Err(e) => e.to_string(),
+                            Ok(()) => {
+                                "the eBPF udp programs are not built into this flanneld".to_owned()
+                            }
+                        };
+                        refused.push(refusal("ebpf", why));
+                        refused.push(refusal("kernel", "the udp backend has no kernel dataplane"));
+                        if let Some(why) = tun_missing() {
+                            return Err(BackendError::TunUnavailable(
+                                crate::dataplane::tun::TunError::Unavailable(
+                                    std::io::Error::other(why),
+                                ),
+                            ));
+                        }
+                    }
                 }
-                Self::Inert(Inert {
-                    kind: InertKind::Udp,
-                    mtu: ext.mtu.saturating_sub(UDP_OVERHEAD),
-                })
+                Self::Udp(udp::UdpBackend::udp(u, ext, network))
             }
-            BackendConfig::Alloc => Self::Inert(Inert {
-                kind: InertKind::Alloc,
-                mtu: ext.mtu,
-            }),
+            BackendConfig::Alloc => Self::Inert(Inert { mtu: ext.mtu }),
         };
         Ok((backend, refused))
     }
@@ -210,6 +281,7 @@ impl Backend {
                 st.dataplane = "kernel".into();
                 st.peers = b.peer_status();
             }
+            Self::Udp(b) => st = b.status(),
             Self::Inert(_) => st.dataplane = "none".into(),
         }
         st
@@ -219,6 +291,7 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.lease_attrs(),
             Self::HostGw(_) => BackendAttrs::HostGw,
+            Self::Udp(b) => b.lease_attrs(),
             Self::Inert(_) => BackendAttrs::None,
         }
     }
@@ -228,6 +301,7 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.mtu(),
             Self::HostGw(b) => b.mtu(),
+            Self::Udp(b) => b.mtu(),
             Self::Inert(b) => b.mtu,
         }
     }
@@ -242,13 +316,9 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.setup(nl, own).await,
             Self::HostGw(_) => Ok(()),
-            Self::Inert(b) => {
-                match b.kind {
-                    InertKind::Udp => warn!(
-                        "the udp backend carries no traffic yet in this flanneld: the subnet is leased, but nothing forwards packets between hosts"
-                    ),
-                    InertKind::Alloc => info!("alloc backend: subnet lease only, no dataplane"),
-                }
+            Self::Udp(b) => b.setup(nl, own).await,
+            Self::Inert(_) => {
+                info!("alloc backend: subnet lease only, no dataplane");
                 Ok(())
             }
         }
@@ -258,6 +328,7 @@ impl Backend {
     pub async fn own_lease(&mut self, nl: &Netlink, own: Ipv4Net) -> Result<(), BackendError> {
         match self {
             Self::Vxlan(b) => b.own_lease(nl, own).await,
+            Self::Udp(b) => b.own_lease(nl, own).await,
             Self::HostGw(_) | Self::Inert(_) => Ok(()),
         }
     }
@@ -267,6 +338,10 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.peers(nl, events).await,
             Self::HostGw(b) => b.peers(nl, events).await,
+            Self::Udp(b) => {
+                b.peers(events);
+                Ok(())
+            }
             Self::Inert(_) => Ok(()),
         }
     }
@@ -276,6 +351,10 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.snapshot(nl, peers).await,
             Self::HostGw(b) => b.snapshot(nl, peers).await,
+            Self::Udp(b) => {
+                b.snapshot(peers);
+                Ok(())
+            }
             Self::Inert(_) => Ok(()),
         }
     }
@@ -284,7 +363,7 @@ impl Backend {
     pub async fn link_event(&mut self, nl: &Netlink, ev: &LinkEvent) -> Result<(), BackendError> {
         match self {
             Self::Vxlan(b) => b.link_event(nl, ev).await,
-            Self::HostGw(_) | Self::Inert(_) => Ok(()),
+            Self::HostGw(_) | Self::Udp(_) | Self::Inert(_) => Ok(()),
         }
     }
 
@@ -293,6 +372,7 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.check(nl).await,
             Self::HostGw(b) => b.check(nl).await,
+            Self::Udp(b) => b.check(nl).await,
             Self::Inert(_) => Ok(()),
         }
     }

@@ -22,6 +22,7 @@
 
 pub mod ebpf;
 mod sys;
+pub mod tun;
 pub mod udp;
 
 pub use ebpf::{
