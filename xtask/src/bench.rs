@@ -265,50 +265,96 @@ impl Progress {
     }
 }
 
+/// Runs the rows in rounds: each round sets every row up, measures it once per offload
+/// setting and tears it down. Repetitions of one row are thus spread over the whole run,
+/// so a change in the machine's load (other work on a shared VM) hits every row alike
+/// instead of skewing the rows that happened to run during it.
 fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
     let mut progress = Progress {
         start: Instant::now(),
-        steps: plan.rows.len() * plan.modes.len(),
+        steps: plan.rows.len() * plan.modes.len() * plan.repeat as usize,
         done: 0,
     };
-    let mut results = Vec::new();
-    for (i, &row) in plan.rows.iter().enumerate() {
-        progress.say(&format!("{}: setting up", row.name()));
-        let outcome = run_row(plan, ctx, row, i, &mut progress);
-        if interrupted() {
-            bail!("interrupted");
-        }
-        // Any failure inside a row (a command that did not work in this kernel, a tool
-        // that crashed) makes that row unavailable, not the run.
-        let per_mode = outcome.unwrap_or_else(|e| {
-            let status = Status::Unavailable {
-                reason: format!("{e:#}"),
-            };
-            plan.modes
-                .iter()
-                .map(|_| (status.clone(), Vec::new(), None))
-                .collect()
-        });
-        let mut said = Vec::new();
-        for (&m, (status, samples, note)) in plan.modes.iter().zip(per_mode) {
-            if let Status::Unavailable { reason } = &status
-                && !said.contains(reason)
-            {
-                progress.say(&format!("{}: unavailable: {reason}", row.name()));
-                said.push(reason.clone());
+    let mut results: Vec<RowResult> = Vec::new();
+    // Rows found unavailable in the first round are not probed again.
+    let mut unavailable: Vec<Row> = Vec::new();
+    let mut setups = 0;
+    for round in 1..=plan.repeat {
+        for &row in &plan.rows {
+            if unavailable.contains(&row) {
+                progress.done += plan.modes.len();
+                continue;
             }
-            results.push(RowResult {
-                row,
-                offloads: m,
-                status,
-                samples,
-                note,
+            let name = format!("{} (round {round}/{})", row.name(), plan.repeat);
+            progress.say(&format!("{name}: setting up"));
+            setups += 1;
+            let before = progress.done;
+            let outcome = run_row(plan, ctx, row, setups, &mut progress);
+            if interrupted() {
+                bail!("interrupted");
+            }
+            // Any failure inside a row (a command that did not work in this kernel, a
+            // tool that crashed) makes that row unavailable, not the run.
+            let per_mode = outcome.unwrap_or_else(|e| {
+                let status = Status::Unavailable {
+                    reason: format!("{e:#}"),
+                };
+                plan.modes
+                    .iter()
+                    .map(|_| (status.clone(), Vec::new(), None))
+                    .collect()
             });
+            if per_mode
+                .iter()
+                .all(|(s, _, _)| matches!(s, Status::Unavailable { .. }))
+                && round == 1
+            {
+                unavailable.push(row);
+            }
+            let mut said = Vec::new();
+            for (&m, outcome) in plan.modes.iter().zip(per_mode) {
+                if let Status::Unavailable { reason } = &outcome.0
+                    && !said.contains(reason)
+                {
+                    progress.say(&format!("{name}: unavailable: {reason}"));
+                    said.push(reason.clone());
+                }
+                merge(&mut results, row, m, round, outcome);
+            }
+            progress.done = before + plan.modes.len();
         }
-        progress.done = (i + 1) * plan.modes.len();
     }
     progress.say("done");
     Ok(results)
+}
+
+/// Adds one round's outcome for `row` under `m` to the results. A row that was measured
+/// before and is unavailable in a later round keeps its samples, and the reason is kept
+/// as a sample error.
+fn merge(results: &mut Vec<RowResult>, row: Row, m: Offloads, round: u32, outcome: ModeOutcome) {
+    let (status, samples, note) = outcome;
+    let Some(r) = results.iter_mut().find(|r| r.row == row && r.offloads == m) else {
+        results.push(RowResult {
+            row,
+            offloads: m,
+            status,
+            samples,
+            note,
+        });
+        return;
+    };
+    match (&r.status, status) {
+        (Status::Measured, Status::Unavailable { reason }) => r.samples.push(Sample {
+            errors: vec![format!("round {round}: unavailable: {reason}")],
+            ..Sample::default()
+        }),
+        (Status::Unavailable { .. }, status @ Status::Measured) => r.status = status,
+        _ => {}
+    }
+    r.samples.extend(samples);
+    if note.is_some() {
+        r.note = note;
+    }
 }
 
 /// What one offload setting of a row gave: status, samples, a note on the counters.
@@ -381,7 +427,7 @@ fn no_ping_reason(row: Row, subnets: &[topo::Subnet; 2]) -> String {
 }
 
 /// One offload setting of a row: turn offloads off if asked, check the path again, then
-/// take the repetitions.
+/// measure once.
 #[allow(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
@@ -406,34 +452,30 @@ fn measure_mode(
         let reason = format!("with offloads {} a ping no longer crosses", m.name());
         return Ok((Status::Unavailable { reason }, Vec::new()));
     }
-    let mut samples = Vec::new();
-    for rep in 1..=plan.repeat {
-        progress.say(&format!(
-            "{}, offloads {}: iperf3 {} s, qperf tcp_bw/tcp_lat {} s each{} (repetition {rep}/{})",
-            row.name(),
-            m.name(),
-            plan.durations.iperf3,
-            plan.durations.qperf,
-            if plan.sweep { ", qperf sweep" } else { "" },
-            plan.repeat
-        ));
-        let client = measure::Client {
-            durations: plan.durations,
-            sweep: plan.sweep,
-            cpu: plan.pin.map(|p| p[0]),
-        };
-        let s = measure::sample(&hosts[0].container, target, client, dir);
-        if interrupted() {
-            bail!("interrupted");
-        }
-        progress.say(&format!(
-            "{}, offloads {}: {}",
-            row.name(),
-            m.name(),
-            summary(&s)
-        ));
-        samples.push(s);
+    progress.say(&format!(
+        "{}, offloads {}: iperf3 {} s, qperf tcp_bw/tcp_lat {} s each{}",
+        row.name(),
+        m.name(),
+        plan.durations.iperf3,
+        plan.durations.qperf,
+        if plan.sweep { ", qperf sweep" } else { "" },
+    ));
+    let client = measure::Client {
+        durations: plan.durations,
+        sweep: plan.sweep,
+        cpu: plan.pin.map(|p| p[0]),
+    };
+    let s = measure::sample(&hosts[0].container, target, client, dir);
+    if interrupted() {
+        bail!("interrupted");
     }
+    progress.say(&format!(
+        "{}, offloads {}: {}",
+        row.name(),
+        m.name(),
+        summary(&s)
+    ));
+    let samples = vec![s];
     Ok((Status::Measured, samples))
 }
 
@@ -527,4 +569,54 @@ fn write_outputs(report: &Report, out: Option<PathBuf>) -> Result<()> {
     }
     println!("\nwrote {} and {}", md.display(), json.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(g: f64) -> ModeOutcome {
+        let s = Sample {
+            iperf3_gbps: Some(g),
+            ..Sample::default()
+        };
+        (Status::Measured, vec![s], None)
+    }
+
+    #[test]
+    fn rounds_merge_per_row_and_setting() {
+        let mut results = Vec::new();
+        let gone = || Status::Unavailable {
+            reason: "flanneld exited".into(),
+        };
+        merge(&mut results, Row::Native, Offloads::On, 1, measured(1.0));
+        merge(&mut results, Row::Native, Offloads::Off, 1, measured(0.5));
+        merge(&mut results, Row::Native, Offloads::On, 2, measured(2.0));
+        merge(
+            &mut results,
+            Row::Native,
+            Offloads::On,
+            3,
+            (gone(), vec![], None),
+        );
+        assert_eq!(results.len(), 2);
+        let on = &results[0];
+        assert!(matches!(on.status, Status::Measured));
+        assert_eq!(on.samples.len(), 3);
+        assert_eq!(
+            on.samples[2].errors,
+            ["round 3: unavailable: flanneld exited"]
+        );
+
+        merge(
+            &mut results,
+            Row::EbpfVxlan,
+            Offloads::On,
+            1,
+            (gone(), vec![], None),
+        );
+        merge(&mut results, Row::EbpfVxlan, Offloads::On, 2, measured(3.0));
+        assert!(matches!(results[2].status, Status::Measured));
+        assert_eq!(results[2].samples.len(), 1);
+    }
 }
