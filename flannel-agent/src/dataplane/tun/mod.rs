@@ -28,6 +28,7 @@
 //! Dropping it stops the workers.
 
 pub mod packet;
+pub mod reference;
 mod sys;
 pub mod table;
 mod worker;

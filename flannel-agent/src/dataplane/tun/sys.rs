@@ -45,10 +45,28 @@ pub fn tun_available() -> io::Result<()> {
     Ok(())
 }
 
+/// Opens TUN device `name` exactly as flanneld's udp backend does
+/// (`IFF_TUN | IFF_NO_PI`, one queue, blocking), for the reference proxy.
+pub fn open_tun_single(name: &str) -> io::Result<(OwnedFd, String)> {
+    open_tun(name, libc::IFF_TUN | libc::IFF_NO_PI, 0)
+}
+
 /// Opens one queue of TUN device `name` (a `%d` pattern is expanded by the kernel),
 /// non-blocking, `IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE` and `IFF_VNET_HDR` when
 /// `vnet_hdr`. Returns the fd and the device's actual name.
 pub fn open_tun_queue(name: &str, vnet_hdr: bool) -> io::Result<(OwnedFd, String)> {
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    open_tun(name, flags, libc::O_NONBLOCK)
+}
+
+fn open_tun(
+    name: &str,
+    flags: libc::c_int,
+    open_flags: libc::c_int,
+) -> io::Result<(OwnedFd, String)> {
     if name.len() >= libc::IFNAMSIZ || name.as_bytes().contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -59,7 +77,7 @@ pub fn open_tun_queue(name: &str, vnet_hdr: bool) -> io::Result<(OwnedFd, String
     let raw = cvt(unsafe {
         libc::open(
             TUN_PATH.as_ptr(),
-            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            libc::O_RDWR | libc::O_CLOEXEC | open_flags,
         )
     })?;
     // SAFETY: `raw` was just returned by open(2) and is owned by nobody else.
@@ -70,10 +88,6 @@ pub fn open_tun_queue(name: &str, vnet_hdr: bool) -> io::Result<(OwnedFd, String
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
-    if vnet_hdr {
-        flags |= libc::IFF_VNET_HDR;
-    }
     req.flags = flags as libc::c_short; // the IFF_* values fit in 16 bits
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its layout and size
     // and lives across the call.
@@ -203,6 +217,26 @@ pub fn signal(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: writes the 8 bytes of `one`, which lives across the call.
     cvt_size(unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) })?;
     Ok(())
+}
+
+/// poll(2) for input on `fds`, forever; which of them are readable.
+pub fn poll_in<const N: usize>(fds: [RawFd; N]) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `p` is an array of N pollfds that lives across the call.
+        let rc = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, -1) };
+        if rc >= 0 {
+            return Ok(p.map(|x| x.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Sleeps until `fd` is readable (true) or `stop` is signalled (false).
