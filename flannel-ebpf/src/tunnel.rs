@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -66,7 +66,7 @@ pub fn count_peer(index: u32, tx: bool, packets: u64, bytes: u64) {
 pub enum NextHop {
     /// The FIB gave the next hop's MAC: write the outer Ethernet header, `bpf_redirect`.
     Resolved,
-    /// The FIB knows the next hop but not its MAC: `bpf_redirect_neigh` to it.
+    /// The FIB knows the next hop but not its MAC: `bpf_redirect_neigh` resolves it.
     Unresolved,
     /// The FIB helper declined (forwarding disabled): `bpf_redirect_neigh` routes itself.
     KernelRoute,
@@ -154,23 +154,16 @@ impl Route {
         match self.next_hop {
             // SAFETY: the helper only records the target; `fib.ifindex` came from the FIB.
             NextHop::Resolved => unsafe { bpf_redirect(self.fib.ifindex, 0) },
-            NextHop::Unresolved => {
-                // SAFETY: `bpf_redir_neigh` is plain old data; all-zero is valid.
-                let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-                nh.nh_family = u32::from(AF_INET);
-                // SAFETY: writing a `Copy` union field, and reading the one the FIB lookup
-                // set.
-                unsafe { nh.__bindgen_anon_1.ipv4_nh = self.fib.__bindgen_anon_4.ipv4_dst };
-                // SAFETY: `nh` is a live stack struct of the size passed.
-                unsafe {
-                    bpf_redirect_neigh(
-                        self.fib.ifindex,
-                        &raw mut nh,
-                        size_of::<bpf_redir_neigh>() as i32,
-                        0,
-                    )
-                }
-            }
+            // Not `bpf_redirect_neigh` with the FIB's next hop as parameter: that keeps the
+            // skb's route, which still points at the overlay device, and when the neighbour
+            // resolves, the kernel re-resolves queued packets through that route (on the
+            // overlay device) and the first packets are lost. Without parameters the kernel
+            // routes the packet itself and attaches the underlay route first.
+            // SAFETY: a null `params` with length 0 asks the kernel to route the packet
+            // itself; `fib.ifindex` came from the FIB.
+            NextHop::Unresolved => unsafe {
+                bpf_redirect_neigh(self.fib.ifindex, core::ptr::null_mut(), 0, 0)
+            },
             // SAFETY: a null `params` with length 0 asks the kernel to route the packet
             // itself.
             NextHop::KernelRoute => unsafe {

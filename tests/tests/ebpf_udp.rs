@@ -1,0 +1,1501 @@
+//! The udp backend's eBPF fast path: its programs under BPF_PROG_TEST_RUN with crafted
+//! frames, then real packets between namespace hosts whose `flannel0` is a TUN set up as
+//! flanneld does, with the fast path on both ends or against a userspace flannel-udp peer.
+//!
+//! Documented verdicts (see `flannel_common::maps::reason`): anything the programs cannot
+//! handle exactly is `TC_ACT_OK` (at encap the packet stays in `flannel0` for the
+//! userspace proxy, at decap it goes to the UDP socket), counted by reason; spoofed
+//! datagrams are `TC_ACT_SHOT`, counted; forwarded packets are `TC_ACT_REDIRECT`.
+//!
+//! BPF_PROG_TEST_RUN hands every TC program an Ethernet frame, while on `flannel0` (an L3
+//! device) encap sees the bare IPv4 packet; the encap program takes the L3 view only on
+//! `flannel0`, so these runs test everything after its first step, which the namespace
+//! tests cover.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, TestRun, TestRunOptions,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType},
+};
+use flannel_agent::dataplane::{
+    Ipv4Net, PeerCounters, UdpFastPath, UdpFastPathConfig, UdpPeerEntry,
+};
+use flannel_common::{
+    MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, MAP_UDP_CONFIG, PROG_UDP_DECAP,
+    PROG_UDP_ENCAP,
+    maps::{FLAG_PEERS_SYNCED, Peer, PeerSource, UdpConfig, reason},
+};
+use flannel_tests::{NetNs, require_root, skip};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
+const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 2);
+const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+const PORT: u16 = 8285;
+/// Not the loopback device test_run runs on: the programs see Ethernet frames.
+const TUN_IFINDEX: u32 = 4343;
+const SLOT_A: u32 = 1;
+const SLOT_B: u32 = 3;
+/// flannel0's MTU on a 1500-byte underlay.
+const TUN_MTU: usize = 1472;
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn mask(len: u8) -> u32 {
+    be(Ipv4Addr::from(u32::MAX << (32 - u32::from(len))))
+}
+
+/// Makes the calling thread live in a namespace until dropped.
+struct InNetns {
+    orig: File,
+}
+
+impl InNetns {
+    fn enter(ns: &NetNs) -> InNetns {
+        let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let target = File::open(format!("/var/run/netns/{}", ns.name())).expect("open netns");
+        // SAFETY: setns(2) with a namespace fd we hold open; it only changes this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        InNetns { orig }
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`, with the fd of the namespace the thread came from.
+        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `c` is a NUL-terminated string alive for the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
+    let out = ns.ip(&["-o", "link", "show", ifname]);
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("link/ether in ip link output");
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(addr.split(':')) {
+        *b = u8::from_str_radix(part, 16).expect("hex");
+    }
+    mac
+}
+
+// ---------------------------------------------------------------------------------------
+// BPF_PROG_TEST_RUN
+// ---------------------------------------------------------------------------------------
+
+/// A namespace with the underlay, the loaded udp programs and their maps.
+struct Lab {
+    ebpf: Ebpf,
+    underlay_mac: [u8; 6],
+    underlay_ifindex: u32,
+    // Dropped before the namespace it refers to.
+    _inside: InNetns,
+    ns: NetNs,
+}
+
+impl Lab {
+    fn new(test_name: &str) -> Option<Lab> {
+        if !require_root(test_name) {
+            return None;
+        }
+        let bytes = match flannel_agent::dataplane::ebpf_object() {
+            Ok(b) => b,
+            Err(e) => {
+                skip(test_name, &e.to_string());
+                return None;
+            }
+        };
+        let ns = NetNs::new("udpbpf");
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ]);
+        ns.ip(&["addr", "add", "192.168.60.1/24", "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["link", "set", "eth0p", "up"]);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "192.168.60.2",
+            "lladdr",
+            "02:00:00:00:00:b2",
+            "nud",
+            "permanent",
+            "dev",
+            "eth0",
+        ]);
+        // Nodes forward (flannel needs it); the FIB helper insists on it.
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        let underlay_mac = mac_of(&ns, "eth0");
+        let inside = InNetns::enter(&ns);
+        let underlay_ifindex = ifindex("eth0");
+        let mut ebpf = Ebpf::load(bytes).expect("load the BPF object");
+        for name in [PROG_UDP_ENCAP, PROG_UDP_DECAP] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program present")
+                .try_into()
+                .expect("classifier");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
+        }
+        let mut lab = Lab {
+            ebpf,
+            underlay_mac,
+            underlay_ifindex,
+            _inside: inside,
+            ns,
+        };
+        lab.set_peer(Ipv4Addr::new(10, 244, 2, 0), 24, NODE_B_IP, SLOT_B);
+        lab.set_peer(Ipv4Addr::new(10, 244, 1, 0), 24, NODE_A_IP, SLOT_A);
+        lab.be_node(NODE_A_IP, 1, FLAG_PEERS_SYNCED);
+        Some(lab)
+    }
+
+    fn config(&mut self, cfg: UdpConfig) {
+        let mut array: Array<_, UdpConfig> =
+            Array::try_from(self.ebpf.map_mut(MAP_UDP_CONFIG).unwrap()).unwrap();
+        array.set(0, cfg, 0).unwrap();
+    }
+
+    /// Node at `ip` with subnet 10.244.`third`.0/24.
+    fn be_node(&mut self, ip: Ipv4Addr, third: u8, flags: u32) {
+        let cfg = UdpConfig {
+            public_ip_be: be(ip),
+            subnet_be: be(Ipv4Addr::new(10, 244, third, 0)),
+            subnet_mask_be: mask(24),
+            underlay_ifindex: self.underlay_ifindex,
+            tun_ifindex: TUN_IFINDEX,
+            underlay_mtu: 1500,
+            flags,
+            port_be: PORT.to_be(),
+            _pad: 0,
+        };
+        self.config(cfg);
+    }
+
+    fn set_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, slot: u32) {
+        let mut trie: LpmTrie<_, u32, Peer> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_PEERS).unwrap()).unwrap();
+        trie.insert(
+            &Key::new(u32::from(len), be(net)),
+            Peer {
+                public_ip_be: be(ip),
+                index: slot,
+                vtep_mac: [0; 6],
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .unwrap();
+        let mut sources: HashMap<_, u32, PeerSource> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SOURCES).unwrap()).unwrap();
+        sources
+            .insert(
+                be(ip),
+                PeerSource {
+                    subnet_be: be(net),
+                    mask_be: mask(len),
+                    index: slot,
+                    _pad: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+
+    /// Runs `prog` on `frame`; returns the verdict and the output frame, or test_run's
+    /// refusal (the kernel rejects, for example, IPv4 frames shorter than an IPv4 header
+    /// before running anything).
+    fn try_run_ctx(
+        &mut self,
+        prog: &str,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+    ) -> Result<(u32, Vec<u8>), String> {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx,
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_ctx(prog, frame, None)
+            .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e}", frame.len()))
+    }
+
+    /// Runs a truncated frame: the program must pass it unchanged, or test_run refuses
+    /// it up front (only allowed below the end of the outer IPv4 header).
+    #[track_caller]
+    fn expect_truncated(&mut self, prog: &str, frame: &[u8]) {
+        match self.try_run_ctx(prog, frame, None) {
+            Ok((verdict, out)) => {
+                assert_eq!(verdict, TC_ACT_OK, "truncated to {}", frame.len());
+                assert_eq!(out, frame, "truncated to {}: changed", frame.len());
+            }
+            Err(e) => assert!(
+                frame.len() < 34,
+                "test_run refused a {}-byte frame: {e}",
+                frame.len()
+            ),
+        }
+    }
+
+    fn reasons(&self) -> Vec<u64> {
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).unwrap()).unwrap();
+        (0..reason::COUNT)
+            .map(|i| counters.get(&i, 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    fn peer_counters(&self, slot: u32) -> PeerCounters {
+        let counters: PerCpuArray<_, PeerCounters> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_PEER_COUNTERS).unwrap()).unwrap();
+        counters
+            .get(&slot, 0)
+            .unwrap()
+            .iter()
+            .fold(PeerCounters::default(), |a, c| a.add(*c))
+    }
+
+    /// Runs `prog` on `frame` and asserts the verdict and which reason counter moved.
+    #[track_caller]
+    fn expect(&mut self, what: &str, prog: &str, frame: &[u8], verdict: u32, why: Option<u32>) {
+        self.expect_ctx(what, prog, frame, None, verdict, why);
+    }
+
+    #[track_caller]
+    fn expect_ctx(
+        &mut self,
+        what: &str,
+        prog: &str,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+        verdict: u32,
+        why: Option<u32>,
+    ) {
+        let before = self.reasons();
+        let (got, out) = self
+            .try_run_ctx(prog, frame, ctx)
+            .unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
+        assert_eq!(got, verdict, "{what}: verdict");
+        let after = self.reasons();
+        let moved: Vec<u32> = (0..reason::COUNT)
+            .filter(|&i| after[i as usize] != before[i as usize])
+            .collect();
+        let expected: Vec<u32> = why.into_iter().collect();
+        assert_eq!(
+            moved,
+            expected,
+            "{what}: reason counters moved: {:?}",
+            moved
+                .iter()
+                .map(|i| reason::NAMES[*i as usize])
+                .collect::<Vec<_>>()
+        );
+        if verdict != TC_ACT_REDIRECT {
+            assert_eq!(
+                out, frame,
+                "{what}: a packet not forwarded must be unchanged"
+            );
+        }
+    }
+}
+
+// Frame builders, written independently of the programs.
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(14);
+    v.extend_from_slice(&dst);
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&proto.to_be_bytes());
+    v
+}
+
+#[derive(Clone, Copy)]
+struct Ip {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    tos: u8,
+    id: u16,
+    frag: u16,
+    ttl: u8,
+    ihl: u8,
+}
+
+impl Ip {
+    fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
+        Ip {
+            src,
+            dst,
+            proto,
+            tos: 0,
+            id: 0x1234,
+            frag: 0x4000,
+            ttl: 64,
+            ihl: 5,
+        }
+    }
+
+    fn bytes(&self, payload: &[u8]) -> Vec<u8> {
+        let hl = usize::from(self.ihl) * 4;
+        let mut h = vec![0u8; hl];
+        h[0] = 0x40 | self.ihl;
+        h[1] = self.tos;
+        h[2..4].copy_from_slice(&((hl + payload.len()) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&self.id.to_be_bytes());
+        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        h[8] = self.ttl;
+        h[9] = self.proto;
+        h[12..16].copy_from_slice(&self.src.octets());
+        h[16..20].copy_from_slice(&self.dst.octets());
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(payload);
+        h
+    }
+}
+
+/// An ICMP echo request of `n` payload bytes.
+fn icmp(n: usize) -> Vec<u8> {
+    let mut v = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    v.extend((0..n).map(|i| i as u8));
+    let c = checksum(&v);
+    v[2..4].copy_from_slice(&c.to_be_bytes());
+    v
+}
+
+/// What test_run hands encap for pod A → pod B: an Ethernet header (on flannel0 there is
+/// none) and the inner packet.
+fn tun_frame(ip: Ip, payload_len: usize) -> Vec<u8> {
+    let mut f = eth([0; 6], [0; 6], 0x0800);
+    f.extend(ip.bytes(&icmp(payload_len)));
+    f
+}
+
+/// A flannel-udp frame on the underlay: `outer` carries UDP to `dport` with `inner`.
+fn udp_frame(outer: Ip, sport: u16, dport: u16, inner: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(inner);
+    let mut f = eth([0x02, 0, 0, 0, 0, 0xa1], NEXT_HOP_MAC, 0x0800);
+    f.extend(outer.bytes(&udp));
+    f
+}
+
+/// A valid flannel-udp frame from node B to node A carrying `inner_src` → `inner_dst`
+/// (TTL 63, as flanneld on B sends it); also returns the inner packet.
+fn from_b(inner_src: Ipv4Addr, inner_dst: Ipv4Addr) -> (Vec<u8>, Vec<u8>) {
+    let inner = Ip {
+        ttl: 63,
+        ..Ip::new(inner_src, inner_dst, 1)
+    }
+    .bytes(&icmp(40));
+    let outer = Ip {
+        frag: 0,
+        ..Ip::new(NODE_B_IP, NODE_A_IP, 17)
+    };
+    (udp_frame(outer, 40000, PORT, &inner), inner)
+}
+
+#[test]
+fn encap_output_byte_for_byte() {
+    let Some(mut lab) = Lab::new("udp_encap_output_byte_for_byte") else {
+        return;
+    };
+    let sent = Ip::new(POD_A, POD_B, 1);
+    let frame = tun_frame(sent, 56);
+    let inner_len = frame.len() - 14;
+    let (verdict, out) = lab.run(PROG_UDP_ENCAP, &frame);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "encap redirects to the underlay; reasons {:?}",
+        lab.reasons()
+    );
+    assert_eq!(out.len(), frame.len() + 28);
+
+    // Random per packet: the IP id; flow hash dependent: the UDP source port.
+    let id = u16::from_be_bytes([out[18], out[19]]);
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    assert!(
+        (32768..61000).contains(&sport),
+        "source port {sport} outside the ephemeral range"
+    );
+    let mut expected = eth(NEXT_HOP_MAC, lab.underlay_mac, 0x0800);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&PORT.to_be_bytes());
+    udp.extend_from_slice(&((8 + inner_len) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // UDP checksum 0 (IPv4)
+    // The raw inner packet, TTL decremented once, checksum recomputed from scratch.
+    udp.extend(Ip { ttl: 63, ..sent }.bytes(&icmp(56)));
+    let outer = Ip {
+        id,
+        frag: 0, // DF clear
+        tos: 0,
+        ..Ip::new(NODE_A_IP, NODE_B_IP, 17)
+    };
+    expected.extend(outer.bytes(&udp));
+    assert_eq!(out, expected, "encapsulated frame");
+    assert_eq!(checksum(&out[14..34]), 0, "outer IPv4 header checksum");
+    assert_eq!(checksum(&out[42..62]), 0, "inner IPv4 header checksum");
+    assert_eq!(out[22], 64, "outer TTL");
+
+    let c = lab.peer_counters(SLOT_B);
+    assert_eq!((c.tx_packets, c.tx_bytes), (1, inner_len as u64));
+    assert_eq!(c.rx_packets, 0);
+
+    // The same flow gets the same source port.
+    let (_, out2) = lab.run(PROG_UDP_ENCAP, &frame);
+    assert_eq!(u16::from_be_bytes([out2[34], out2[35]]), sport);
+    // The incremental checksum update agrees with a recomputation for any checksum
+    // value, including the carry cases near 0xffff (the id field moves the checksum).
+    for id in (0..=0xffffu16).step_by(251).chain([0xfeff, 0xff00, 0x0000]) {
+        let p = Ip { id, ..sent };
+        let (v, o) = lab.run(PROG_UDP_ENCAP, &tun_frame(p, 8));
+        assert_eq!(v, TC_ACT_REDIRECT);
+        assert_eq!(
+            &o[42..62],
+            &Ip { ttl: 63, ..p }.bytes(&icmp(8))[..20],
+            "inner header for id {id:#x}"
+        );
+    }
+}
+
+#[test]
+fn encap_hands_the_rest_to_the_tun() {
+    let Some(mut lab) = Lab::new("udp_encap_hands_the_rest_to_the_tun") else {
+        return;
+    };
+    let ok = tun_frame(Ip::new(POD_A, POD_B, 1), 56);
+    lab.expect(
+        "no peer",
+        PROG_UDP_ENCAP,
+        &tun_frame(Ip::new(POD_A, Ipv4Addr::new(10, 244, 9, 1), 1), 56),
+        TC_ACT_OK,
+        Some(reason::PASS_NO_PEER),
+    );
+    // Inner fragments are fine for raw IP in UDP (flanneld sends them as they are).
+    let frag = tun_frame(
+        Ip {
+            frag: 0x2000,
+            ..Ip::new(POD_A, POD_B, 1)
+        },
+        56,
+    );
+    assert_eq!(lab.run(PROG_UDP_ENCAP, &frag).0, TC_ACT_REDIRECT);
+    // A TUN carries IPv6 as well: the version nibble, not an EtherType, tells.
+    let mut v6 = ok.clone();
+    v6[14] = 0x60;
+    lab.expect(
+        "IPv6",
+        PROG_UDP_ENCAP,
+        &v6,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_IPV4),
+    );
+    lab.expect(
+        "TTL 1 (flanneld would discard it)",
+        PROG_UDP_ENCAP,
+        &tun_frame(
+            Ip {
+                ttl: 1,
+                ..Ip::new(POD_A, POD_B, 1)
+            },
+            56,
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_TTL_EXPIRED),
+    );
+    let mut ihl4 = ok.clone();
+    ihl4[14] = 0x44;
+    lab.expect(
+        "IHL 4",
+        PROG_UDP_ENCAP,
+        &ihl4,
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+    let mut bad_len = ok.clone();
+    bad_len[16..18].copy_from_slice(&60u16.to_be_bytes());
+    lab.expect(
+        "IPv4 length is not the packet's",
+        PROG_UDP_ENCAP,
+        &bad_len,
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+    // 1472 bytes is the largest flannel0 packet (MTU 1472): it fits; one more does not.
+    let max = tun_frame(Ip::new(POD_A, POD_B, 1), TUN_MTU - 20 - 8);
+    assert_eq!(max.len() - 14, TUN_MTU);
+    assert_eq!(lab.run(PROG_UDP_ENCAP, &max).0, TC_ACT_REDIRECT);
+    let big = tun_frame(Ip::new(POD_A, POD_B, 1), TUN_MTU + 1 - 20 - 8);
+    lab.expect(
+        "oversize",
+        PROG_UDP_ENCAP,
+        &big,
+        TC_ACT_OK,
+        Some(reason::PASS_OVERSIZE),
+    );
+    for len in 14..34 {
+        lab.expect_truncated(PROG_UDP_ENCAP, &ok[..len]);
+    }
+    // No route for the peer's PublicIP.
+    lab.set_peer(
+        Ipv4Addr::new(10, 244, 7, 0),
+        24,
+        Ipv4Addr::new(203, 0, 113, 9),
+        7,
+    );
+    lab.expect(
+        "no route to the peer",
+        PROG_UDP_ENCAP,
+        &tun_frame(Ip::new(POD_A, Ipv4Addr::new(10, 244, 7, 1), 1), 56),
+        TC_ACT_OK,
+        Some(reason::PASS_NO_ROUTE),
+    );
+    // On-link peer without a neighbour entry: bpf_redirect_neigh resolves it.
+    lab.set_peer(
+        Ipv4Addr::new(10, 244, 8, 0),
+        24,
+        Ipv4Addr::new(192, 168, 60, 8),
+        8,
+    );
+    let (verdict, _) = lab.run(
+        PROG_UDP_ENCAP,
+        &tun_frame(Ip::new(POD_A, Ipv4Addr::new(10, 244, 8, 1), 1), 56),
+    );
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "unresolved neighbour: redirect_neigh"
+    );
+    lab.ns
+        .exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=0"]);
+    assert_eq!(
+        lab.run(PROG_UDP_ENCAP, &ok).0,
+        TC_ACT_REDIRECT,
+        "forwarding off: redirect_neigh"
+    );
+    lab.config(UdpConfig::default());
+    lab.expect(
+        "no config",
+        PROG_UDP_ENCAP,
+        &ok,
+        TC_ACT_OK,
+        Some(reason::PASS_NO_CONFIG),
+    );
+}
+
+#[test]
+fn encap_decap_round_trip() {
+    let Some(mut lab) = Lab::new("udp_encap_decap_round_trip") else {
+        return;
+    };
+    let sent = Ip::new(POD_A, POD_B, 6);
+    let payload: Vec<u8> = (0..200u8).collect();
+    let mut frame = eth([0; 6], [0; 6], 0x0800);
+    frame.extend(sent.bytes(&payload));
+    let (verdict, wire) = lab.run(PROG_UDP_ENCAP, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    lab.be_node(NODE_B_IP, 2, FLAG_PEERS_SYNCED);
+    let (verdict, out) = lab.run(PROG_UDP_DECAP, &wire);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "decap redirects to flannel0; reasons {:?}",
+        lab.reasons()
+    );
+    // The outer Ethernet header stays in front (the kernel drops it on the way into the
+    // L3 device); then the packet, TTL decremented twice, checksum valid.
+    let mut expected = wire[..14].to_vec();
+    expected.extend(Ip { ttl: 62, ..sent }.bytes(&payload));
+    assert_eq!(out, expected, "decap(encap(packet))");
+    assert_eq!(checksum(&out[14..34]), 0, "inner IPv4 header checksum");
+    let c = lab.peer_counters(SLOT_A);
+    assert_eq!((c.rx_packets, c.rx_bytes), (1, (frame.len() - 14) as u64));
+}
+
+/// A `struct __sk_buff` for `ctx_in` with only `gso_size` and `gso_segs` set.
+fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
+    // uapi/linux/bpf.h: sizeof(struct __sk_buff) == 192, gso_segs at 164, gso_size at 176.
+    let mut ctx = vec![0u8; 192];
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+#[test]
+fn decap_verdicts() {
+    let Some(mut lab) = Lab::new("udp_decap_verdicts") else {
+        return;
+    };
+    let (good, inner) = from_b(POD_B, POD_A);
+    let (verdict, out) = lab.run(PROG_UDP_DECAP, &good);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut expected = good[..14].to_vec();
+    expected.extend(
+        Ip {
+            ttl: 62,
+            ..Ip::new(POD_B, POD_A, 1)
+        }
+        .bytes(&icmp(40)),
+    );
+    assert_eq!(out, expected);
+    let c = lab.peer_counters(SLOT_B);
+    assert_eq!((c.rx_packets, c.rx_bytes), (1, inner.len() as u64));
+
+    // Truncated at every byte: never forwarded, never a crash. Before the UDP port is
+    // readable the frame is not recognisably ours (not counted); after it, a bad header.
+    for len in 14..good.len() {
+        lab.expect_truncated(PROG_UDP_DECAP, &good[..len]);
+    }
+    lab.expect(
+        "truncated inside the inner IPv4 header",
+        PROG_UDP_DECAP,
+        &good[..50],
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+
+    let udp_to_us = Ip {
+        frag: 0,
+        ..Ip::new(NODE_B_IP, NODE_A_IP, 17)
+    };
+    let inner_ok = Ip {
+        ttl: 63,
+        ..Ip::new(POD_B, POD_A, 1)
+    };
+    let with =
+        |outer: Ip, dport: u16, inner: Ip| udp_frame(outer, 40000, dport, &inner.bytes(&icmp(40)));
+
+    lab.expect(
+        "IHL 6",
+        PROG_UDP_DECAP,
+        &with(
+            Ip {
+                ihl: 6,
+                ..udp_to_us
+            },
+            PORT,
+            inner_ok,
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+    for (what, frag) in [
+        ("outer fragment (MF)", 0x2000),
+        ("outer fragment (offset)", 0x0010),
+    ] {
+        lab.expect(
+            what,
+            PROG_UDP_DECAP,
+            &with(Ip { frag, ..udp_to_us }, PORT, inner_ok),
+            TC_ACT_OK,
+            Some(reason::PASS_FRAGMENT),
+        );
+    }
+    lab.expect(
+        "wrong port (not ours, not counted)",
+        PROG_UDP_DECAP,
+        &with(udp_to_us, 8472, inner_ok),
+        TC_ACT_OK,
+        None,
+    );
+    lab.expect(
+        "another destination (not ours)",
+        PROG_UDP_DECAP,
+        &with(
+            Ip {
+                dst: Ipv4Addr::new(192, 168, 60, 77),
+                ..udp_to_us
+            },
+            PORT,
+            inner_ok,
+        ),
+        TC_ACT_OK,
+        None,
+    );
+    lab.expect(
+        "TCP to our address (not ours)",
+        PROG_UDP_DECAP,
+        &with(
+            Ip {
+                proto: 6,
+                ..udp_to_us
+            },
+            PORT,
+            inner_ok,
+        ),
+        TC_ACT_OK,
+        None,
+    );
+    let mut v6 = good.clone();
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    lab.expect("outer IPv6", PROG_UDP_DECAP, &v6, TC_ACT_OK, None);
+    let mut bad_len = good.clone();
+    bad_len[38..40].copy_from_slice(&100u16.to_be_bytes());
+    lab.expect(
+        "UDP length mismatch",
+        PROG_UDP_DECAP,
+        &bad_len,
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+    let mut inner_len = good.clone();
+    inner_len[44..46].copy_from_slice(&40u16.to_be_bytes());
+    lab.expect(
+        "inner length is not the datagram's",
+        PROG_UDP_DECAP,
+        &inner_len,
+        TC_ACT_OK,
+        Some(reason::PASS_BAD_HEADER),
+    );
+
+    // Anti-spoofing.
+    lab.expect(
+        "spoofed outer source",
+        PROG_UDP_DECAP,
+        &with(
+            Ip {
+                src: Ipv4Addr::new(192, 168, 60, 99),
+                ..udp_to_us
+            },
+            PORT,
+            inner_ok,
+        ),
+        TC_ACT_SHOT,
+        Some(reason::DROP_UNKNOWN_SOURCE),
+    );
+    let (spoofed_inner, _) = from_b(Ipv4Addr::new(10, 244, 3, 4), POD_A);
+    lab.expect(
+        "spoofed inner source",
+        PROG_UDP_DECAP,
+        &spoofed_inner,
+        TC_ACT_SHOT,
+        Some(reason::DROP_INNER_SOURCE),
+    );
+    let gso = skb_ctx_with_gso(1400, 2);
+    lab.expect_ctx(
+        "GSO aggregate",
+        PROG_UDP_DECAP,
+        &good,
+        Some(&gso),
+        TC_ACT_OK,
+        Some(reason::PASS_GSO),
+    );
+    lab.expect_ctx(
+        "spoofed inner source in a GSO aggregate",
+        PROG_UDP_DECAP,
+        &spoofed_inner,
+        Some(&gso),
+        TC_ACT_SHOT,
+        Some(reason::DROP_INNER_SOURCE),
+    );
+
+    let (not_local, _) = from_b(POD_B, Ipv4Addr::new(10, 244, 5, 5));
+    lab.expect(
+        "inner destination outside our subnet",
+        PROG_UDP_DECAP,
+        &not_local,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_LOCAL),
+    );
+    let mut inner_v6 = good.clone();
+    inner_v6[42] = 0x60;
+    lab.expect(
+        "inner IPv6",
+        PROG_UDP_DECAP,
+        &inner_v6,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_IPV4),
+    );
+    lab.expect(
+        "inner TTL 1 (flanneld would discard it)",
+        PROG_UDP_DECAP,
+        &with(udp_to_us, PORT, Ip { ttl: 1, ..inner_ok }),
+        TC_ACT_OK,
+        Some(reason::PASS_TTL_EXPIRED),
+    );
+
+    // Before the first full peer sync, unknown sources go to the userspace proxy
+    // (flanneld's behaviour) instead of being dropped.
+    lab.be_node(NODE_A_IP, 1, 0);
+    lab.expect(
+        "unknown source before the first sync",
+        PROG_UDP_DECAP,
+        &with(
+            Ip {
+                src: Ipv4Addr::new(192, 168, 60, 99),
+                ..udp_to_us
+            },
+            PORT,
+            inner_ok,
+        ),
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_SYNCED),
+    );
+    lab.config(UdpConfig::default());
+    lab.expect(
+        "no config (not ours)",
+        PROG_UDP_DECAP,
+        &good,
+        TC_ACT_OK,
+        None,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Real packets: hosts in namespaces over a bridged veth underlay, `flannel0` as flanneld
+// configures it, a container behind each host.
+// ---------------------------------------------------------------------------------------
+
+/// A private bpf filesystem on a temporary directory, unmounted on drop (which also
+/// releases whatever is still pinned there).
+struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    fn mount() -> PrivateBpffs {
+        let dir = tempfile::Builder::new()
+            .prefix("fltest-bpffs-")
+            .tempdir()
+            .expect("tempdir");
+        flannel_tests::run_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(dir.path()),
+        );
+        PrivateBpffs { dir }
+    }
+
+    fn pin_dir(&self, host: &str) -> std::path::PathBuf {
+        self.dir.path().join(host).join("flannel")
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Runs `f` on a new thread inside namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let target = File::open(&path).expect("open netns");
+        // SAFETY: setns(2) on this new thread only, with a namespace fd we hold open.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// `TUNSETIFF` from `linux/if_tun.h`: `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// Creates (or attaches to) TUN `name` in the calling thread's namespace, as flanneld
+/// opens `flannel0`: `IFF_TUN | IFF_NO_PI`. The device lives while the file is open.
+fn open_tun(name: &str) -> File {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    // struct ifreq: the name (IFNAMSIZ bytes), then a union whose first member is the
+    // short ifr_flags; 40 bytes in all on 64-bit.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `ifr` is large enough for;
+    // the fd is ours and open.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    file
+}
+
+/// One flannel udp host: a namespace on the underlay with `flannel0` configured as
+/// flanneld's udp backend does, and a container namespace behind it.
+struct Host {
+    ns: NetNs,
+    container: NetNs,
+    public_ip: Ipv4Addr,
+    subnet: Ipv4Net,
+    /// Keeps `flannel0` attached (and up), like flanneld's open TUN.
+    tun: Option<File>,
+}
+
+impl Host {
+    fn new(ul: &mut flannel_tests::Underlay, name: &str, third: u8) -> Host {
+        let ns = NetNs::new(name);
+        let public_ip = ul.attach(&ns, "eth0");
+        let container = NetNs::new(&format!("{name}c"));
+        let subnet: Ipv4Net = format!("10.244.{third}.0/24").parse().unwrap();
+        let tun = in_netns(&ns, || open_tun("flannel0")).join().unwrap();
+        // flannel's udp backend: .0/32, MTU = underlay - 28, the Network via flannel0.
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.244.{third}.0/32"),
+            "dev",
+            "flannel0",
+        ]);
+        ns.ip(&["link", "set", "flannel0", "mtu", &TUN_MTU.to_string(), "up"]);
+        ns.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"]);
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // A NIC puts GSO packets on the wire as segments; a veth hands them to the peer
+        // whole, and a UDP-tunnel aggregate is nothing the receiver's decap (or flanneld's
+        // socket) can take apart. Without UDP-tunnel segmentation offload the underlay
+        // veth segments in software, as the wire would.
+        ns.exec_ok(&[
+            "ethtool",
+            "-K",
+            "eth0",
+            "tx-udp_tnl-segmentation",
+            "off",
+            "tx-udp_tnl-csum-segmentation",
+            "off",
+        ]);
+        flannel_tests::veth_pair(
+            &ns,
+            "vc",
+            &format!("10.244.{third}.1/24"),
+            &container,
+            "eth0",
+            &format!("10.244.{third}.2/24"),
+        );
+        container.ip(&["link", "set", "eth0", "mtu", &TUN_MTU.to_string()]);
+        container.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{third}.1"),
+        ]);
+        Host {
+            ns,
+            container,
+            public_ip,
+            subnet,
+            tun: Some(tun),
+        }
+    }
+
+    fn container_ip(&self) -> Ipv4Addr {
+        let o = self.subnet.addr().octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 2)
+    }
+
+    fn peer_entry(&self) -> UdpPeerEntry {
+        UdpPeerEntry {
+            subnet: self.subnet,
+            public_ip: self.public_ip,
+        }
+    }
+
+    /// Makes the underlay compute checksums before frames leave, as a NIC does. A veth
+    /// passes a packet's pending (CHECKSUM_PARTIAL) inner checksum to the peer as such:
+    /// fine for a kernel or eBPF receiver, which keeps the skb's checksum state, but a
+    /// userspace receiver reads the bytes, with the TCP checksum not yet filled in.
+    fn checksum_on_the_wire(&self) {
+        self.ns.exec_ok(&["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+
+    /// Attaches the udp fast path from a thread inside this host's namespace.
+    fn attach(&self, pin_dir: std::path::PathBuf) -> UdpFastPath {
+        let (public_ip, subnet) = (self.public_ip, self.subnet);
+        in_netns(&self.ns, move || {
+            UdpFastPath::attach(UdpFastPathConfig {
+                tun_ifindex: ifindex("flannel0"),
+                underlay_ifindex: ifindex("eth0"),
+                underlay_mtu: 1500,
+                public_ip,
+                port: PORT,
+                subnet,
+                pin_dir,
+            })
+        })
+        .join()
+        .unwrap()
+        .expect("attach the udp fast path")
+    }
+}
+
+fn ping(from: &NetNs, to: Ipv4Addr, count: u32) {
+    from.exec_ok(&[
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &to.to_string(),
+    ]);
+}
+
+/// Sends `bytes` over TCP from `client` to a listener in `server`; returns what arrived.
+fn tcp_transfer(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: usize) -> usize {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = in_netns(server, move || {
+        let listener = std::net::TcpListener::bind((server_ip, 5201)).expect("bind");
+        tx.send(()).unwrap();
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut total = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break total;
+            }
+            total += n;
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("listener ready");
+    let cli = in_netns(client, move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(server_ip, 5201).into(), Duration::from_secs(5))
+                .expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let chunk = vec![0x5au8; 65536];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            s.write_all(&chunk[..n]).expect("write");
+            sent += n;
+        }
+    });
+    cli.join().expect("client");
+    srv.join().expect("server")
+}
+
+fn counters_for(fp: &UdpFastPath, subnet: Ipv4Net) -> PeerCounters {
+    fp.peer_counters()
+        .expect("read counters")
+        .into_iter()
+        .find(|(n, _)| *n == subnet)
+        .map(|(_, c)| c)
+        .expect("peer present")
+}
+
+fn reason_count(fp: &UdpFastPath, name: &str) -> u64 {
+    fp.drop_counters()
+        .expect("read reasons")
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| c)
+        .expect("reason present")
+}
+
+fn nonzero_reasons(fp: &UdpFastPath) -> Vec<(&'static str, u64)> {
+    fp.drop_counters()
+        .expect("read reasons")
+        .into_iter()
+        .filter(|(_, c)| *c != 0)
+        .collect()
+}
+
+/// Kernel program names are cut to 15 bytes (`BPF_OBJ_NAME_LEN` with the NUL).
+fn kernel_name(prog: &str) -> &str {
+    &prog[..prog.len().min(15)]
+}
+
+fn names_of_tcx(ns: &NetNs, ifname: &'static str, attach_type: TcAttachType) -> Vec<String> {
+    in_netns(ns, move || {
+        SchedClassifier::query_tcx(ifname, attach_type)
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn udp_fast_path_on_both_hosts() {
+    const TEST: &str = "udp_fast_path_on_both_hosts";
+    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
+        skip(TEST, "requires root and a built BPF object");
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.94.0");
+    let a = Host::new(&mut ul, "ua", 1);
+    let b = Host::new(&mut ul, "ub", 2);
+
+    let mut fa = a.attach(bpffs.pin_dir("a"));
+    let mut fb = b.attach(bpffs.pin_dir("b"));
+    fa.sync_peers(&[b.peer_entry()]).expect("sync A");
+    fb.sync_peers(&[a.peer_entry()]).expect("sync B");
+    assert_eq!(
+        names_of_tcx(&a.ns, "flannel0", TcAttachType::Egress),
+        vec![kernel_name(PROG_UDP_ENCAP)]
+    );
+    assert_eq!(
+        names_of_tcx(&a.ns, "eth0", TcAttachType::Ingress),
+        vec![kernel_name(PROG_UDP_DECAP)]
+    );
+
+    // No userspace proxy runs: whatever crosses, the fast path carried. The first packet
+    // leaves before the underlay neighbour is resolved, and must arrive all the same.
+    ping(&a.container, b.container_ip(), 1);
+    ping(&a.container, b.container_ip(), 5);
+    ping(&b.container, a.container_ip(), 5);
+    let c = counters_for(&fa, b.subnet);
+    assert_eq!(
+        (c.tx_packets, c.rx_packets),
+        (11, 11),
+        "every ping packet took A's eBPF path: {c:?}; reasons {:?}; B {:?} {:?}",
+        nonzero_reasons(&fa),
+        counters_for(&fb, a.subnet),
+        nonzero_reasons(&fb)
+    );
+    assert_eq!(c.tx_bytes, 11 * 84, "inner IPv4 bytes of 11 default pings");
+    let cb = counters_for(&fb, a.subnet);
+    assert_eq!((cb.tx_packets, cb.rx_packets), (11, 11), "{cb:?}");
+    // The host itself, from flannel0's .0 address.
+    ping(&a.ns, b.container_ip(), 1);
+
+    let n = 16 << 20;
+    assert_eq!(
+        tcp_transfer(&b.container, b.container_ip(), &a.container, n),
+        n
+    );
+    assert_eq!(
+        tcp_transfer(&a.container, a.container_ip(), &b.container, n),
+        n
+    );
+    let c2 = counters_for(&fa, b.subnet);
+    assert!(
+        c2.tx_bytes > c.tx_bytes + n as u64 && c2.rx_bytes > c.rx_bytes + n as u64,
+        "TCP both ways went through the fast path: {c2:?}; reasons A {:?} B {:?}",
+        nonzero_reasons(&fa),
+        nonzero_reasons(&fb)
+    );
+    for fp in [&fa, &fb] {
+        assert_eq!(reason_count(fp, "drop_unknown_source"), 0);
+        assert_eq!(reason_count(fp, "drop_inner_source"), 0);
+        assert_eq!(reason_count(fp, "drop_rewrite_failed"), 0);
+    }
+
+    // "SIGKILL" of A's agent: forwarding goes on; a new agent adopts without a flush.
+    drop(fa);
+    ping(&a.container, b.container_ip(), 2);
+    let fa = a.attach(bpffs.pin_dir("a"));
+    assert_eq!(fa.peers(), vec![b.peer_entry()], "peer map adopted");
+    let c3 = counters_for(&fa, b.subnet);
+    assert_eq!(
+        c3.tx_packets,
+        c2.tx_packets + 2,
+        "old programs kept forwarding"
+    );
+    ping(&b.container, a.container_ip(), 2);
+    assert_eq!(counters_for(&fa, b.subnet).rx_packets, c3.rx_packets + 2);
+
+    fa.detach_and_unpin().expect("detach A");
+    fb.detach_and_unpin().expect("detach B");
+    assert!(
+        !bpffs.pin_dir("a").exists() && !bpffs.pin_dir("b").exists(),
+        "pins removed"
+    );
+    assert!(names_of_tcx(&a.ns, "flannel0", TcAttachType::Egress).is_empty());
+    assert!(names_of_tcx(&b.ns, "eth0", TcAttachType::Ingress).is_empty());
+    drop(a.tun);
+}
+
+/// flanneld's per-packet TTL handling, written independently of the programs: TTL − 1
+/// and the header checksum recomputed; `None` when the packet is not IPv4 or the TTL
+/// would reach zero (flanneld discards those).
+fn flanneld_decrement_ttl(packet: &mut [u8]) -> Option<()> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 || packet[8] <= 1 {
+        return None;
+    }
+    let hl = usize::from(packet[0] & 0x0f) * 4;
+    packet[8] -= 1;
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&packet[..hl]);
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+    Some(())
+}
+
+/// A minimal userspace flannel-udp peer, shaped like flanneld's udp proxy: one TUN, one
+/// UDP socket bound to PublicIP:8285, a poll loop; raw IPv4 in UDP, TTL decremented each
+/// way. Its one peer gets everything. Stops (and returns what it moved) on drop.
+struct UserspacePeer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Datagrams sent and received.
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+}
+
+impl UserspacePeer {
+    fn start(host: &mut Host, peer_ip: Ipv4Addr) -> UserspacePeer {
+        let tun = host.tun.take().expect("the host's TUN");
+        let local = host.public_ip;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop2, sent2, received2) = (stop.clone(), sent.clone(), received.clone());
+        let thread = in_netns(&host.ns, move || {
+            let sock = UdpSocket::bind((local, PORT)).expect("bind the flannel-udp port");
+            ready_tx.send(()).unwrap();
+            let mut tun = tun;
+            let peer = SocketAddr::from((peer_ip, PORT));
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: tun.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: sock.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: `fds` is a live array of two pollfd structs, its length passed.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+                if n <= 0 {
+                    continue;
+                }
+                if fds[0].revents & libc::POLLIN != 0
+                    && let Ok(n) = tun.read(&mut buf)
+                    && flanneld_decrement_ttl(&mut buf[..n]).is_some()
+                    && sock.send_to(&buf[..n], peer).is_ok()
+                {
+                    sent2.fetch_add(1, Ordering::Relaxed);
+                }
+                if fds[1].revents & libc::POLLIN != 0
+                    && let Ok((n, _)) = sock.recv_from(&mut buf)
+                    && flanneld_decrement_ttl(&mut buf[..n]).is_some()
+                    && tun.write_all(&buf[..n]).is_ok()
+                {
+                    received2.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("userspace peer ready");
+        UserspacePeer {
+            stop,
+            thread: Some(thread),
+            sent,
+            received,
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for UserspacePeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A crafted flannel-udp payload: UDP 4444 → 9999 "hello" from `src` to `dst`.
+fn crafted_udp(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&4444u16.to_be_bytes());
+    udp.extend_from_slice(&9999u16.to_be_bytes());
+    udp.extend_from_slice(&(8u16 + 5).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(b"hello");
+    Ip::new(src, dst, 17).bytes(&udp)
+}
+
+#[test]
+fn udp_fast_path_against_a_userspace_flannel_peer() {
+    const TEST: &str = "udp_fast_path_against_a_userspace_flannel_peer";
+    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
+        skip(TEST, "requires root and a built BPF object");
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.93.0");
+    let a = Host::new(&mut ul, "ma", 1);
+    let mut b = Host::new(&mut ul, "mb", 2);
+    let evil = NetNs::new("uevil");
+    let evil_ip = ul.attach(&evil, "eth0");
+
+    a.checksum_on_the_wire();
+    let mut fa = a.attach(bpffs.pin_dir("a"));
+    fa.sync_peers(&[b.peer_entry()]).expect("sync A");
+    let userspace = UserspacePeer::start(&mut b, a.public_ip);
+
+    ping(&a.container, b.container_ip(), 3);
+    ping(&b.container, a.container_ip(), 3);
+    let c = counters_for(&fa, b.subnet);
+    assert_eq!(
+        (c.tx_packets, c.rx_packets),
+        (6, 6),
+        "A's eBPF path carried every ping packet: {c:?}; reasons {:?}; userspace {:?}",
+        nonzero_reasons(&fa),
+        userspace.counts()
+    );
+    assert_eq!(
+        userspace.counts(),
+        (6, 6),
+        "the userspace peer moved them on B"
+    );
+
+    let n = 4 << 20;
+    assert_eq!(
+        tcp_transfer(&b.container, b.container_ip(), &a.container, n),
+        n
+    );
+    assert_eq!(
+        tcp_transfer(&a.container, a.container_ip(), &b.container, n),
+        n
+    );
+    let c2 = counters_for(&fa, b.subnet);
+    assert!(
+        c2.tx_bytes > c.tx_bytes + n as u64 && c2.rx_bytes > c.rx_bytes + n as u64,
+        "TCP both ways through A's fast path: {c2:?}; reasons {:?}",
+        nonzero_reasons(&fa)
+    );
+
+    // Spoofing against A's decap, with real datagrams: only the legitimate one reaches
+    // the container.
+    let cip = a.container_ip();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = in_netns(&a.container, move || {
+        let sock = UdpSocket::bind((cip, 9999)).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        tx.send(()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 100];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            got.push((from, buf[..n].to_vec()));
+        }
+        got
+    });
+    rx.recv().unwrap();
+    let send_from = |ns: &NetNs, src: Ipv4Addr, payload: Vec<u8>| {
+        let dst = a.public_ip;
+        in_netns(ns, move || {
+            let s = UdpSocket::bind((src, 0)).expect("bind sender");
+            s.send_to(&payload, (dst, PORT)).expect("send");
+        })
+        .join()
+        .unwrap();
+    };
+    let before_unknown = reason_count(&fa, "drop_unknown_source");
+    let before_inner = reason_count(&fa, "drop_inner_source");
+    // 1. A non-peer claims to be B's container.
+    send_from(
+        &evil,
+        evil_ip,
+        crafted_udp(Ipv4Addr::new(10, 244, 2, 2), cip),
+    );
+    // 2. Peer B's address, an inner source outside B's subnet.
+    send_from(
+        &b.ns,
+        b.public_ip,
+        crafted_udp(Ipv4Addr::new(10, 244, 7, 7), cip),
+    );
+    // 3. The same crafting, legitimate.
+    send_from(
+        &b.ns,
+        b.public_ip,
+        crafted_udp(Ipv4Addr::new(10, 244, 2, 2), cip),
+    );
+    let got = listener.join().unwrap();
+    assert_eq!(
+        got,
+        vec![(
+            SocketAddr::from((Ipv4Addr::new(10, 244, 2, 2), 4444)),
+            b"hello".to_vec()
+        )],
+        "only the legitimate datagram reaches the container"
+    );
+    assert_eq!(reason_count(&fa, "drop_unknown_source"), before_unknown + 1);
+    assert_eq!(reason_count(&fa, "drop_inner_source"), before_inner + 1);
+
+    drop(userspace);
+    fa.detach_and_unpin().expect("detach A");
+}
