@@ -444,3 +444,31 @@ fn bad_datagrams_are_dropped_counted_and_never_delivered() {
     );
     assert!(fa.try_wait().is_none(), "flanneld died:\n{}", fa.log());
 }
+
+#[test]
+fn deleted_tun_device_is_recreated_by_the_periodic_check() {
+    let test = "deleted_tun_device_is_recreated_by_the_periodic_check";
+    let Some(c) = OverlayCluster::new(test, 2, UDP) else {
+        return;
+    };
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let (mut fa, sa) = start(a, &c, &["--dataplane=tun"], "tun");
+    let (_fb, sb) = start(b, &c, &["--dataplane=tun"], "tun");
+    let ca = Container::new(a, &sa);
+    let cb = Container::new(b, &sb);
+    assert!(ca.can_ping(cb.ip, Duration::from_secs(15)), "before");
+    a.ns.ip(&["link", "del", "flannel0"]);
+    assert!(
+        !ca.can_ping(cb.ip, Duration::from_secs(1)),
+        "no device, yet traffic"
+    );
+    // The check runs every 10 s.
+    assert!(
+        ca.can_ping(cb.ip, Duration::from_secs(25)),
+        "not recovered:\n{}",
+        fa.log()
+    );
+    let routes = a.ns.ip(&["-4", "route", "show"]);
+    assert!(routes.contains("10.5.0.0/16 dev flannel0"), "{routes}");
+    assert!(fa.try_wait().is_none(), "flanneld exited:\n{}", fa.log());
+}
