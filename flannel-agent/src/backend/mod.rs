@@ -228,7 +228,7 @@ impl Backend {
                         let why = match crate::dataplane::probe() {
                             Err(e) => e.to_string(),
                             Ok(()) => {
-                                "the eBPF udp programs are not built into this flanneld".to_owned()
+                                "the eBPF udp fast path is not wired into the udp backend yet".to_owned()
                             }
                         };
                         refused.push(refusal("ebpf", why));
