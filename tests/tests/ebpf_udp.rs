@@ -978,6 +978,22 @@ fn open_tun(name: &str) -> File {
     file
 }
 
+/// `TUNSETPERSIST` from `linux/if_tun.h`: `_IOW('T', 203, int)`.
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// Makes the TUN behind `file` outlive its file descriptors (or not).
+fn set_persist(file: &File, persist: bool) {
+    // SAFETY: TUNSETPERSIST takes an integer argument by value; the fd is ours and open.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            TUNSETPERSIST,
+            libc::c_ulong::from(persist),
+        )
+    };
+    assert_eq!(rc, 0, "TUNSETPERSIST: {}", std::io::Error::last_os_error());
+}
+
 /// One flannel udp host: a namespace on the underlay with `flannel0` configured as
 /// flanneld's udp backend does, and a container namespace behind it.
 struct Host {
@@ -1190,8 +1206,8 @@ fn udp_fast_path_on_both_hosts() {
     }
     let bpffs = PrivateBpffs::mount();
     let mut ul = flannel_tests::Underlay::new("10.94.0");
-    let a = Host::new(&mut ul, "ua", 1);
-    let b = Host::new(&mut ul, "ub", 2);
+    let mut a = Host::new(&mut ul, "ua", 1);
+    let mut b = Host::new(&mut ul, "ub", 2);
 
     let mut fa = a.attach(bpffs.pin_dir("a"));
     let mut fb = b.attach(bpffs.pin_dir("b"));
@@ -1262,6 +1278,20 @@ fn udp_fast_path_on_both_hosts() {
     ping(&b.container, a.container_ip(), 2);
     assert_eq!(counters_for(&fa, b.subnet).rx_packets, c3.rx_packets + 2);
 
+    // A persistent flannel0 outlives the agent that opened it: with no reader on either
+    // TUN, traffic still flows, all of it through the fast path.
+    let (ta, tb) = (a.tun.take().unwrap(), b.tun.take().unwrap());
+    set_persist(&ta, true);
+    set_persist(&tb, true);
+    drop((ta, tb));
+    let c4 = counters_for(&fa, b.subnet);
+    ping(&a.container, b.container_ip(), 2);
+    assert_eq!(counters_for(&fa, b.subnet).tx_packets, c4.tx_packets + 2);
+    assert_eq!(
+        tcp_transfer(&b.container, b.container_ip(), &a.container, 1 << 20),
+        1 << 20
+    );
+
     fa.detach_and_unpin().expect("detach A");
     fb.detach_and_unpin().expect("detach B");
     assert!(
@@ -1270,7 +1300,10 @@ fn udp_fast_path_on_both_hosts() {
     );
     assert!(names_of_tcx(&a.ns, "flannel0", TcAttachType::Egress).is_empty());
     assert!(names_of_tcx(&b.ns, "eth0", TcAttachType::Ingress).is_empty());
-    drop(a.tun);
+    // The namespaces' deletion would remove them too; say it.
+    for h in [&a, &b] {
+        h.ns.exec_ok(&["ip", "tuntap", "del", "dev", "flannel0", "mode", "tun"]);
+    }
 }
 
 /// flanneld's per-packet TTL handling, written independently of the programs: TTL − 1
@@ -1498,4 +1531,395 @@ fn udp_fast_path_against_a_userspace_flannel_peer() {
 
     drop(userspace);
     fa.detach_and_unpin().expect("detach A");
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurement (not a pass/fail test): `cargo test -p flannel-tests --test ebpf_udp --
+// --ignored --nocapture measure`.
+// ---------------------------------------------------------------------------------------
+
+/// iperf3 from `client` to a server in `server` for `secs`; received Gbit/s.
+fn iperf3(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, secs: u32) -> f64 {
+    let mut srv = flannel_tests::Child::spawn("iperf3-server", {
+        let mut c = server.command("iperf3");
+        c.args(["-s", "-1", "-B", &server_ip.to_string()]);
+        c
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client.exec_ok(&[
+        "iperf3",
+        "-J",
+        "-c",
+        &server_ip.to_string(),
+        "-t",
+        &secs.to_string(),
+    ]);
+    srv.kill();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+/// A host with a kernel `flannel.1` as flanneld's vxlan backend configures it.
+fn vxlan_host(ul: &mut flannel_tests::Underlay, name: &str, third: u8, mac: &str) -> Host {
+    let ns = NetNs::new(name);
+    let public_ip = ul.attach(&ns, "eth0");
+    let container = NetNs::new(&format!("{name}c"));
+    let ip = public_ip.to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "nolearning",
+        "local",
+        &ip,
+        "dev",
+        "eth0",
+    ]);
+    ns.ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450"]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("10.244.{third}.0/32"),
+        "dev",
+        "flannel.1",
+    ]);
+    ns.ip(&["link", "set", "flannel.1", "up"]);
+    ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    flannel_tests::veth_pair(
+        &ns,
+        "vc",
+        &format!("10.244.{third}.1/24"),
+        &container,
+        "eth0",
+        &format!("10.244.{third}.2/24"),
+    );
+    container.ip(&["link", "set", "eth0", "mtu", "1450"]);
+    container.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.244.{third}.1"),
+    ]);
+    Host {
+        ns,
+        container,
+        public_ip,
+        subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+        tun: None,
+    }
+}
+
+fn vxlan_peer(h: &Host, peer: &Host, peer_mac: &str) {
+    let gw = peer.subnet.addr().to_string();
+    h.ns.ip(&[
+        "neigh",
+        "replace",
+        &gw,
+        "lladdr",
+        peer_mac,
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ]);
+    flannel_tests::run_ok(std::process::Command::new("bridge").args([
+        "-n",
+        h.ns.name(),
+        "fdb",
+        "append",
+        peer_mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        &peer.public_ip.to_string(),
+    ]));
+    h.ns.ip(&[
+        "route",
+        "add",
+        &peer.subnet.to_string(),
+        "via",
+        &gw,
+        "dev",
+        "flannel.1",
+        "onlink",
+    ]);
+}
+
+fn attach_vxlan(
+    h: &Host,
+    mac: &'static str,
+    pin_dir: std::path::PathBuf,
+) -> flannel_agent::dataplane::VxlanFastPath {
+    use std::str::FromStr as _;
+    let (public_ip, subnet) = (h.public_ip, h.subnet);
+    in_netns(&h.ns, move || {
+        flannel_agent::dataplane::VxlanFastPath::attach(flannel_agent::dataplane::FastPathConfig {
+            vxlan_ifindex: ifindex("flannel.1"),
+            underlay_ifindex: ifindex("eth0"),
+            underlay_mtu: 1500,
+            public_ip,
+            vni: 1,
+            port: 8472,
+            vtep_mac: flannel_agent::mac::MacAddr::from_str(mac).unwrap(),
+            subnet,
+            pin_dir,
+        })
+    })
+    .join()
+    .unwrap()
+    .expect("attach the vxlan fast path")
+}
+
+#[test]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
+fn measure_udp_vs_vxlan_throughput() {
+    const TEST: &str = "measure_udp_vs_vxlan_throughput";
+    if !require_root(TEST)
+        || flannel_agent::dataplane::ebpf_object().is_err()
+        || !flannel_tests::require_binary("iperf3", TEST)
+    {
+        return;
+    }
+    const SECS: u32 = 5;
+    let report = |what: &str, gbits: f64| {
+        let _ = writeln!(std::io::stderr(), "{what}: {gbits:.2} Gbit/s");
+    };
+    let bpffs = PrivateBpffs::mount();
+
+    // eBPF udp on both hosts.
+    {
+        let mut ul = flannel_tests::Underlay::new("10.92.0");
+        let a = Host::new(&mut ul, "pa", 1);
+        let b = Host::new(&mut ul, "pb", 2);
+        let mut fa = a.attach(bpffs.pin_dir("ua"));
+        let mut fb = b.attach(bpffs.pin_dir("ub"));
+        fa.sync_peers(&[b.peer_entry()]).unwrap();
+        fb.sync_peers(&[a.peer_entry()]).unwrap();
+        report(
+            "eBPF udp, A -> B",
+            iperf3(&b.container, b.container_ip(), &a.container, SECS),
+        );
+        report(
+            "eBPF udp, B -> A",
+            iperf3(&a.container, a.container_ip(), &b.container, SECS),
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "  A reasons {:?}, B reasons {:?}",
+            nonzero_reasons(&fa),
+            nonzero_reasons(&fb)
+        );
+        fa.detach_and_unpin().unwrap();
+        fb.detach_and_unpin().unwrap();
+    }
+
+    // eBPF vxlan on both hosts, with the underlay's offloads as they are and with
+    // UDP-tunnel segmentation off (as the udp rows need it).
+    for segmentation in ["on", "off"] {
+        const MAC_A: &str = "02:fa:00:00:00:0a";
+        const MAC_B: &str = "02:fb:00:00:00:0b";
+        let mut ul = flannel_tests::Underlay::new("10.91.0");
+        let a = vxlan_host(&mut ul, "va", 1, MAC_A);
+        let b = vxlan_host(&mut ul, "vb", 2, MAC_B);
+        for h in [&a, &b] {
+            h.ns.exec_ok(&[
+                "ethtool",
+                "-K",
+                "eth0",
+                "tx-udp_tnl-segmentation",
+                segmentation,
+                "tx-udp_tnl-csum-segmentation",
+                segmentation,
+            ]);
+        }
+        vxlan_peer(&a, &b, MAC_B);
+        vxlan_peer(&b, &a, MAC_A);
+        let mut fa = attach_vxlan(&a, MAC_A, bpffs.pin_dir("va"));
+        let mut fb = attach_vxlan(&b, MAC_B, bpffs.pin_dir("vb"));
+        let entry = |h: &Host, mac: &str| {
+            use std::str::FromStr as _;
+            flannel_agent::dataplane::PeerEntry {
+                subnet: h.subnet,
+                public_ip: h.public_ip,
+                vtep_mac: flannel_agent::mac::MacAddr::from_str(mac).unwrap(),
+            }
+        };
+        fa.sync_peers(&[entry(&b, MAC_B)]).unwrap();
+        fb.sync_peers(&[entry(&a, MAC_A)]).unwrap();
+        report(
+            &format!("eBPF vxlan (tunnel segmentation {segmentation}), A -> B"),
+            iperf3(&b.container, b.container_ip(), &a.container, SECS),
+        );
+        report(
+            &format!("eBPF vxlan (tunnel segmentation {segmentation}), B -> A"),
+            iperf3(&a.container, a.container_ip(), &b.container, SECS),
+        );
+        fa.detach_and_unpin().unwrap();
+        fb.detach_and_unpin().unwrap();
+    }
+}
+
+/// Names of the TCX programs on `ifname` in the calling thread's namespace.
+fn tcx_here(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
+    SchedClassifier::query_tcx(ifname, attach_type)
+        .map(|(_, progs)| {
+            progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn udp_pins_layouts_and_a_recreated_tun() {
+    const TEST: &str = "udp_pins_layouts_and_a_recreated_tun";
+    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
+        skip(TEST, "requires root and a built BPF object");
+        return;
+    }
+    UdpFastPath::probe().expect("this kernel runs the udp fast path");
+    if !flannel_tests::require_binary("bpftool", TEST) {
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.90.0");
+    let mut a = Host::new(&mut ul, "la", 1);
+    let b = Host::new(&mut ul, "lb", 2);
+    // One pin directory for both fast paths (vxlan's on B, udp's on A): they must not
+    // touch each other's pins.
+    let pin_dir = bpffs.pin_dir("shared");
+    let udp_layout = pin_dir
+        .join("udp")
+        .join(format!("v{}", flannel_common::LAYOUT_VERSION));
+    std::fs::create_dir_all(&udp_layout).unwrap();
+    let bpftool_create = |path: &std::path::Path, value_size: &str| {
+        flannel_tests::run_ok(
+            std::process::Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(path)
+                .args([
+                    "type", "array", "key", "4", "value", value_size, "entries", "1", "name",
+                    "fltest",
+                ]),
+        );
+    };
+
+    // A pinned map of our layout version with other sizes is refused, not reused.
+    bpftool_create(&udp_layout.join(MAP_UDP_CONFIG), "8");
+    let (public_ip, subnet, dir) = (a.public_ip, a.subnet, pin_dir.clone());
+    let err = in_netns(&a.ns, move || {
+        UdpFastPath::attach(UdpFastPathConfig {
+            tun_ifindex: ifindex("flannel0"),
+            underlay_ifindex: ifindex("eth0"),
+            underlay_mtu: 1500,
+            public_ip,
+            port: PORT,
+            subnet,
+            pin_dir: dir,
+        })
+        .map(|_| ())
+    })
+    .join()
+    .unwrap()
+    .expect_err("a changed layout must not be adopted");
+    assert!(
+        matches!(
+            err,
+            flannel_agent::dataplane::EbpfError::LayoutMismatch { .. }
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(udp_layout.join(MAP_UDP_CONFIG)).unwrap();
+
+    // Maps of another layout version are replaced, their pins removed after attach.
+    let old = pin_dir.join("udp").join("v1");
+    std::fs::create_dir_all(&old).unwrap();
+    bpftool_create(&old.join(MAP_UDP_CONFIG), "8");
+    let mut fa = a.attach(pin_dir.clone());
+    assert!(!old.exists(), "old udp layout unpinned");
+    assert!(udp_layout.join(MAP_PEERS).exists(), "new layout pinned");
+    assert_eq!(fa.pin_dir(), pin_dir.join("udp"));
+    fa.sync_peers(&[b.peer_entry()]).unwrap();
+
+    // The vxlan fast path in the same pin directory (on another host).
+    const MAC_B: &str = "02:fb:00:00:00:0b";
+    b.ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "nolearning",
+        "local",
+        &b.public_ip.to_string(),
+        "dev",
+        "eth0",
+    ]);
+    b.ns.ip(&["link", "set", "flannel.1", "address", MAC_B, "up"]);
+    let fv = attach_vxlan(&b, MAC_B, pin_dir.clone());
+    assert!(pin_dir.join("links").join("encap").exists());
+    assert!(pin_dir.join("udp").join("links").join("encap").exists());
+
+    // flannel0 goes with the agent (closing a non-persistent TUN deletes it) and a
+    // restarted agent creates it anew: the pinned encap link is stale; a new attach
+    // replaces it.
+    drop(fa);
+    drop(a.tun.take());
+    assert!(
+        flannel_tests::wait_until(Duration::from_secs(5), || {
+            (!a.ns
+                .exec(&["ip", "link", "show", "flannel0"])
+                .status
+                .success())
+            .then_some(())
+        })
+        .is_some(),
+        "flannel0 disappears with its last fd"
+    );
+    let tun = in_netns(&a.ns, || open_tun("flannel0")).join().unwrap();
+    a.tun = Some(tun);
+    a.ns.ip(&["addr", "add", "10.244.1.0/32", "dev", "flannel0"]);
+    a.ns.ip(&["link", "set", "flannel0", "mtu", &TUN_MTU.to_string(), "up"]);
+    a.ns.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"]);
+    let fa = a.attach(pin_dir.clone());
+    assert_eq!(fa.peers(), vec![b.peer_entry()], "peers adopted");
+    let (egress, ingress) = in_netns(&a.ns, || {
+        (
+            tcx_here("flannel0", TcAttachType::Egress),
+            tcx_here("eth0", TcAttachType::Ingress),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(egress, vec![kernel_name(PROG_UDP_ENCAP)]);
+    assert_eq!(ingress, vec![kernel_name(PROG_UDP_DECAP)]);
+
+    // Detaching the udp path leaves the vxlan path's pins alone, and the other way round.
+    fa.detach_and_unpin().expect("detach udp");
+    assert!(!pin_dir.join("udp").exists(), "udp pins removed");
+    assert!(
+        pin_dir.join("links").join("encap").exists(),
+        "vxlan pins kept"
+    );
+    assert!(
+        names_of_tcx(&a.ns, "flannel0", TcAttachType::Egress).is_empty()
+            && names_of_tcx(&a.ns, "eth0", TcAttachType::Ingress).is_empty()
+    );
+    fv.detach_and_unpin().expect("detach vxlan");
+    assert!(!pin_dir.exists(), "nothing left");
 }
