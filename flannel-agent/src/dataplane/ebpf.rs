@@ -1,4 +1,5 @@
-//! The eBPF VXLAN fast path: the only module that imports aya.
+//! The eBPF VXLAN fast path, and the pieces the udp fast path (`udp.rs`) shares with it:
+//! with `udp.rs`, the only module that imports aya.
 //!
 //! Design note. The kernel keeps flannel's vxlan state (device, neighbour, FDB, route per
 //! peer; see `backend/`), and this module puts two TC programs on top of it:

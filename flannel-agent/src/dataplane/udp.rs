@@ -14,6 +14,32 @@
 //! the BPF object, the peer, source and counter map types, the reasons, the pinning and
 //! adoption rules. Its pins live under `<pin_dir>/udp/` (`v<LAYOUT_VERSION>/<MAP>`,
 //! `links/{encap,decap}`), so the two never share state even with one `pin_dir`.
+//!
+//! How the udp backend uses it (`--dataplane ebpf`, or `auto` when
+//! [`UdpFastPath::probe`] succeeds):
+//! 1. Set up exactly what flanneld sets up: `flannel0` (`IFF_TUN | IFF_NO_PI`) with the
+//!    lease subnet's `.0/32`, MTU = underlay − 28, up, the route for the whole Network via
+//!    `flannel0`, and the userspace proxy on `PublicIP:Port`. The proxy stays the fallback
+//!    for everything the programs pass on.
+//! 2. From a thread in the node's network namespace, [`UdpFastPath::attach`] with
+//!    `tun_ifindex` = `flannel0`, `underlay_ifindex`/`underlay_mtu` = the external
+//!    interface, our PublicIP, `Port`, the lease subnet and the usual pin directory. It
+//!    adopts what a previous run pinned (no flush).
+//! 3. Right after, [`UdpFastPath::sync_peers`] with the full peer set (this also turns on
+//!    dropping datagrams from unknown sources); then [`UdpFastPath::upsert_peer`] /
+//!    [`UdpFastPath::remove_peer`] per lease event, together with the proxy's own route
+//!    table. Resyncs call `sync_peers`.
+//! 4. If `flannel0` or the external interface is recreated (new ifindex), attach again:
+//!    stale pinned links are replaced. A `flannel0` made persistent (`TUNSETPERSIST`)
+//!    survives the agent, and the programs keep forwarding while it is away; a
+//!    non-persistent one goes with the agent's file descriptor, and the encap with it.
+//! 5. On exit, just drop it.
+//!
+//! Underlays that hand GSO packets to the peer whole (veth and bridge: nodes that are
+//! containers on one machine) need `tx-udp_tnl-segmentation` and
+//! `tx-udp_tnl-csum-segmentation` off on the external interface, as a NIC's wire would
+//! carry segments: no flannel-udp receiver can take a UDP-tunnel aggregate apart (decap
+//! passes it on as `pass_gso`).
 
 use std::{
     collections::BTreeSet,
