@@ -348,3 +348,45 @@ fn spoofed_vxlan_from_a_non_peer_is_dropped_and_counted() {
         capture.log()
     );
 }
+
+#[test]
+fn udp_backend_ebpf_node_and_tun_node_exchange_traffic() {
+    let test = "udp_backend_ebpf_node_and_tun_node_exchange_traffic";
+    if !require_ebpf(test) || !require_binary("iperf3", test) {
+        return;
+    }
+    let udp = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
+    let Some(c) = OverlayCluster::new(test, 2, udp) else {
+        return;
+    };
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let mut fa = a.flanneld(&c.etcd, &["--dataplane=auto"]);
+    let mut fb = b.flanneld(&c.etcd, &["--dataplane=tun"]);
+    fa.expect_log("flanneld is ready", READY);
+    fb.expect_log("flanneld is ready", READY);
+    assert!(
+        fa.log().contains("dataplane=ebpf"),
+        "auto did not pick eBPF for udp:\n{}",
+        fa.log()
+    );
+    assert!(fb.log().contains("dataplane=tun"), "{}", fb.log());
+    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+    let env = std::fs::read_to_string(a.subnet_file()).unwrap();
+    assert!(env.contains("FLANNEL_MTU=1472"), "{env}");
+
+    let ca = Container::new(a, &sa);
+    let cb = Container::new(b, &sb);
+    assert!(ca.can_ping(cb.ip, Duration::from_secs(15)), "eBPF→TUN ping");
+    assert!(cb.can_ping(ca.ip, Duration::from_secs(15)), "TUN→eBPF ping");
+    let _sb = cb.iperf3_server();
+    ca.tcp_transfer(&cb, false);
+    ca.tcp_transfer(&cb, true);
+    let moved = wait_until(Duration::from_secs(10), || {
+        peer_counters(a, &sb).filter(|&(tx, rx)| tx > 100 && rx > 100)
+    });
+    assert!(
+        moved.is_some(),
+        "the eBPF udp path carried no traffic: {}",
+        a.status()
+    );
+}

@@ -217,19 +217,22 @@ impl EbpfPeers {
                 }
             })
             .collect();
-        let verdicts = fast
-            .drop_counters()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(name, packets)| {
-                let (action, reason) = name.split_once('_').unwrap_or(("drop", name));
-                VerdictCount {
-                    action: action.to_owned(),
-                    reason: reason.replace('_', " "),
-                    packets,
-                }
-            })
-            .collect();
+        let verdicts = verdict_counts(fast.drop_counters().unwrap_or_default());
         (peer_rows, verdicts)
     }
+}
+
+/// The fast path's `drop_*` / `pass_*` counters as status rows.
+pub fn verdict_counts(counters: Vec<(&'static str, u64)>) -> Vec<VerdictCount> {
+    counters
+        .into_iter()
+        .map(|(name, packets)| {
+            let (action, reason) = name.split_once('_').unwrap_or(("drop", name));
+            VerdictCount {
+                action: action.to_owned(),
+                reason: reason.replace('_', " "),
+                packets,
+            }
+        })
+        .collect()
 }

@@ -215,24 +215,41 @@ impl Backend {
                 Self::HostGw(hostgw::HostGwBackend::new(ext, network)?)
             }
             BackendConfig::Udp(u) => {
-                match dataplane {
-                    // The eBPF udp programs plug in here (udp::UdpPath).
-                    Dataplane::Ebpf => return Err(BackendError::NoEbpfFor("udp")),
+                // The TUN dataplane always runs: it is the udp backend's own path, and
+                // the fallback for whatever the eBPF programs hand on.
+                let tun_ok = |refused: &mut Vec<Refusal>| match crate::dataplane::tun::probe() {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        refused.push(refusal("tun", e.to_string()));
+                        Err(BackendError::TunUnavailable(e))
+                    }
+                };
+                let ebpf_probe = || {
+                    crate::dataplane::probe().and_then(|()| crate::dataplane::UdpFastPath::probe())
+                };
+                let ebpf = match dataplane {
                     Dataplane::Kernel => return Err(BackendError::NoKernelForUdp),
                     Dataplane::Tun => {
-                        if let Err(e) = crate::dataplane::tun::probe() {
-                            return Err(BackendError::TunUnavailable(e));
-                        }
+                        tun_ok(&mut refused)?;
+                        None
+                    }
+                    Dataplane::Ebpf => {
+                        ebpf_probe()?;
+                        tun_ok(&mut refused)?;
+                        Some(udp::UdpEbpf::new(ext, u.port, pin_dir, true))
                     }
                     Dataplane::Auto => {
-                        let why = match crate::dataplane::probe() {
-                            Err(e) => e.to_string(),
-                            Ok(()) => {
-                                "the eBPF udp fast path is not wired into the udp backend yet".to_owned()
+                        let ebpf = match ebpf_probe() {
+                            Ok(()) => Some(udp::UdpEbpf::new(ext, u.port, pin_dir, false)),
+                            Err(e) => {
+                                refused.push(refusal("ebpf", e.to_string()));
+                                refused.push(refusal(
+                                    "kernel",
+                                    "the udp backend has no kernel dataplane",
+                                ));
+                                None
                             }
                         };
-                        refused.push(refusal("ebpf", why));
-                        refused.push(refusal("kernel", "the udp backend has no kernel dataplane"));
                         if let Some(why) = tun_missing() {
                             return Err(BackendError::TunUnavailable(
                                 crate::dataplane::tun::TunError::Unavailable(
@@ -240,9 +257,14 @@ impl Backend {
                                 ),
                             ));
                         }
+                        ebpf
                     }
-                }
-                Self::Udp(udp::UdpBackend::udp(u, ext, network))
+                };
+                let b = udp::UdpBackend::udp(u, ext, network);
+                Self::Udp(match ebpf {
+                    Some(e) => b.with_ebpf(e),
+                    None => b,
+                })
             }
             BackendConfig::Alloc => Self::Inert(Inert { mtu: ext.mtu }),
         };

@@ -29,7 +29,10 @@ use tracing::{info, warn};
 use super::{BackendError, DataplaneStatus};
 use crate::{
     config::{UdpConfig, VxlanConfig},
-    dataplane::tun::{TunConfig, TunDataplane, TunPeer, Wire},
+    dataplane::{
+        EbpfError, UdpFastPath, UdpFastPathConfig, UdpPeerEntry,
+        tun::{TunConfig, TunDataplane, TunPeer, Wire},
+    },
     host::status::{PeerStatus, VerdictCount},
     iface::ExternalInterface,
     netlink::{IfIndex, Netlink, Route, RouteKind},
@@ -144,6 +147,103 @@ impl UdpPath {
     }
 }
 
+/// The eBPF udp programs on top of the TUN path: flannel0's TC egress encapsulates,
+/// the underlay's TC ingress decapsulates; whatever they pass on (no peer, GSO
+/// aggregates, TTL 1, ...) still reaches the TUN dataplane, which stays the fallback.
+pub struct UdpEbpf {
+    cfg: UdpFastPathConfig,
+    /// `--dataplane ebpf`: failures are errors, not a fallback to the TUN alone.
+    required: bool,
+    fast: Option<UdpFastPath>,
+    /// The first full peer set arrived: `sync_peers` may prune (before, only add).
+    synced: bool,
+    refused: Option<String>,
+}
+
+impl std::fmt::Debug for UdpEbpf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpEbpf")
+            .field("active", &self.fast.is_some())
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpEbpf {
+    pub fn new(ext: &ExternalInterface, port: u16, pin_dir: &Path, required: bool) -> Self {
+        Self {
+            cfg: UdpFastPathConfig {
+                tun_ifindex: 0,
+                underlay_ifindex: ext.ifindex,
+                underlay_mtu: ext.mtu,
+                public_ip: ext.public_ip,
+                port,
+                subnet: Ipv4Net::default(),
+                pin_dir: pin_dir.to_owned(),
+            },
+            required,
+            fast: None,
+            synced: false,
+            refused: None,
+        }
+    }
+
+    fn fail(&mut self, what: &str, e: EbpfError) -> Result<(), BackendError> {
+        self.fast = None;
+        if self.required {
+            return Err(BackendError::Ebpf(e));
+        }
+        warn!(error = %e, "{what} failed: the udp backend stays on the TUN dataplane");
+        self.refused = Some(e.to_string());
+        Ok(())
+    }
+
+    /// (Re-)attaches for the device `dev` and our subnet.
+    fn attach(&mut self, dev: IfIndex, own: Ipv4Net) -> Result<(), BackendError> {
+        if self.refused.is_some() && !self.required {
+            return Ok(());
+        }
+        if self.fast.is_some() && self.cfg.tun_ifindex == dev && self.cfg.subnet == own {
+            return Ok(());
+        }
+        self.fast = None;
+        self.cfg.tun_ifindex = dev;
+        self.cfg.subnet = own;
+        match UdpFastPath::attach(self.cfg.clone()) {
+            Ok(f) => {
+                info!(tun_ifindex = dev, underlay_ifindex = self.cfg.underlay_ifindex, subnet = %own, "eBPF udp fast path attached");
+                self.fast = Some(f);
+                Ok(())
+            }
+            Err(e) => self.fail("attaching the eBPF udp fast path", e),
+        }
+    }
+
+    fn set_peers(&mut self, peers: &[TunPeer]) -> Result<(), BackendError> {
+        let Some(fast) = &mut self.fast else {
+            return Ok(());
+        };
+        let entries: Vec<UdpPeerEntry> = peers
+            .iter()
+            .map(|p| UdpPeerEntry {
+                subnet: p.subnet,
+                public_ip: p.public_ip,
+            })
+            .collect();
+        // Before the first full peer set, adopted entries of peers not heard of yet
+        // must survive: add only.
+        let r = if self.synced {
+            fast.sync_peers(&entries)
+        } else {
+            entries.iter().try_for_each(|e| fast.upsert_peer(e))
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.fail("updating the eBPF udp peers", e),
+        }
+    }
+}
+
 /// flannel's udp backend, or vxlan on the TUN dataplane.
 #[derive(Debug)]
 pub struct UdpBackend {
@@ -155,6 +255,8 @@ pub struct UdpBackend {
     /// The desired peer set, by subnet.
     peers: BTreeMap<Ipv4Net, TunPeer>,
     path: UdpPath,
+    /// The eBPF udp programs, when chosen (udp wire only).
+    ebpf: Option<Box<UdpEbpf>>,
 }
 
 impl UdpBackend {
@@ -214,7 +316,14 @@ impl UdpBackend {
             device: None,
             peers: BTreeMap::new(),
             path: UdpPath::Tun(None),
+            ebpf: None,
         }
+    }
+
+    /// Puts the eBPF udp programs on top of the TUN path.
+    pub fn with_ebpf(mut self, ebpf: UdpEbpf) -> Self {
+        self.ebpf = Some(Box::new(ebpf));
+        self
     }
 
     /// Turns the TUN offloads off (the plain read/write path), e.g. for a benchmark.
@@ -267,6 +376,9 @@ impl UdpBackend {
             nl.set_link_up(link.index, true).await?;
         }
         nl.replace_route(&self.route(link.index)).await?;
+        if let (Some(e), Some(own)) = (&mut self.ebpf, self.own) {
+            e.attach(link.index, own)?;
+        }
         self.push_peers();
         info!(device = %name, index = link.index, mtu = self.spec.mtu, network = %self.spec.network, wire = ?self.spec.wire, "overlay device ready");
         Ok(())
@@ -310,6 +422,11 @@ impl UdpBackend {
     fn push_peers(&mut self) {
         let peers: Vec<TunPeer> = self.peers.values().copied().collect();
         self.path.set_peers(self.own, &peers);
+        if let Some(e) = &mut self.ebpf
+            && let Err(err) = e.set_peers(&peers)
+        {
+            warn!(error = %err, "updating the eBPF udp peers failed");
+        }
     }
 
     /// Our subnet changed: new address, new own subnet for the checks.
@@ -317,6 +434,9 @@ impl UdpBackend {
         self.own = Some(own);
         if let Some(dev) = self.device {
             self.ensure_address(nl, dev).await?;
+            if let Some(e) = &mut self.ebpf {
+                e.attach(dev, own)?;
+            }
         }
         self.push_peers();
         Ok(())
@@ -364,6 +484,9 @@ impl UdpBackend {
             .filter_map(|l| self.peer_from_lease(l))
             .map(|p| (p.subnet, p))
             .collect();
+        if let Some(e) = &mut self.ebpf {
+            e.synced = true;
+        }
         info!(peers = self.peers.len(), "overlay peer set replaced");
         self.push_peers();
     }
@@ -400,6 +523,28 @@ impl UdpBackend {
     pub fn status(&self) -> DataplaneStatus {
         let mut st = DataplaneStatus::default();
         self.path.report(&self.peers, &mut st);
+        let Some(e) = &self.ebpf else { return st };
+        if let Some(why) = &e.refused {
+            st.refused.push(crate::host::status::Refusal {
+                dataplane: "ebpf".into(),
+                reason: why.clone(),
+            });
+        }
+        let Some(fast) = &e.fast else { return st };
+        // The programs carry what they can; the TUN path the rest: report both.
+        st.dataplane = "ebpf".into();
+        let counts: BTreeMap<Ipv4Net, _> =
+            fast.peer_counters().unwrap_or_default().into_iter().collect();
+        for p in &mut st.peers {
+            if let Some(c) = p.subnet.parse().ok().and_then(|s: Ipv4Net| counts.get(&s)) {
+                p.tx_packets += c.tx_packets;
+                p.tx_bytes += c.tx_bytes;
+                p.rx_packets += c.rx_packets;
+                p.rx_bytes += c.rx_bytes;
+            }
+        }
+        st.verdicts
+            .extend(super::fastpath::verdict_counts(fast.drop_counters().unwrap_or_default()));
         st
     }
 }
