@@ -22,6 +22,9 @@ use std::{
 
 use tempfile::TempDir;
 
+pub mod bpf;
+pub mod packet;
+
 /// True when running under CI (`CI=true`), where a skipped privileged test is a failure.
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")

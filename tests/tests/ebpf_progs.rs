@@ -10,30 +10,29 @@
 //! handle exactly is `TC_ACT_OK` (the kernel's vxlan path takes it), counted by reason;
 //! spoofed VXLAN is `TC_ACT_SHOT`, counted; forwarded packets are `TC_ACT_REDIRECT`.
 
-use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, str::FromStr as _};
+use std::{net::Ipv4Addr, str::FromStr as _};
 
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType},
-};
+use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::{
     dataplane::{FastPathConfig, Ipv4Net, VxlanFastPath},
     mac::MacAddr,
 };
 use flannel_common::{
-    MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, PROG_DECAP, PROG_ENCAP,
-    maps::{Config, FLAG_PEERS_SYNCED, Peer, PeerCounters, PeerSource, reason},
+    MAP_CONFIG, MAP_PEERS, PROG_DECAP, PROG_ENCAP,
+    maps::{Config, FLAG_PEERS_SYNCED, reason},
 };
-use flannel_tests::{NetNs, require_root, skip};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use flannel_tests::{
+    NetNs,
+    bpf::{
+        InNetns, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        counters_for, ifindex, in_netns, ping, reason_count, skb_ctx_with_gso, tcp_transfer,
+    },
+    packet::{Ip, be, checksum, eth, icmp, mask, udp, vxlan_hdr},
+    require_root, skip,
+};
 
 const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
 const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
-const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
 const VTEP_A: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
 const VTEP_B: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x02];
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -44,113 +43,31 @@ const VXLAN_IFINDEX: u32 = 4242;
 const SLOT_A: u32 = 1;
 const SLOT_B: u32 = 3;
 
-fn be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
+/// A namespace with the underlay, the loaded vxlan programs and their maps.
+type Lab = ProgLab;
+
+/// The vxlan programs' setup on a [`ProgLab`].
+trait VxlanLab: Sized {
+    /// The lab as node A, with both nodes' subnets as peers.
+    fn new(test_name: &str) -> Option<Self>;
+    fn config(&mut self, cfg: Config);
+    /// Node A: 192.168.50.1, subnet 10.244.1.0/24, VtepMAC VTEP_A.
+    fn be_node_a(&mut self, flags: u32);
+    /// Node B: 192.168.50.2, subnet 10.244.2.0/24, VtepMAC VTEP_B (to decap what A sent).
+    fn be_node_b(&mut self);
+    /// The node at `ip` with subnet 10.244.`third`.0/24 and VtepMAC `vtep`.
+    fn be_node(&mut self, ip: Ipv4Addr, third: u8, vtep: [u8; 6], flags: u32);
 }
 
-fn mask(len: u8) -> u32 {
-    be(Ipv4Addr::from(u32::MAX << (32 - u32::from(len))))
-}
-
-/// Makes the calling thread live in a namespace until dropped.
-struct InNetns {
-    orig: File,
-}
-
-impl InNetns {
-    fn enter(ns: &NetNs) -> InNetns {
-        let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
-        let target = File::open(format!("/var/run/netns/{}", ns.name())).expect("open netns");
-        // SAFETY: setns(2) with a namespace fd we hold open; it only changes this thread.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        InNetns { orig }
-    }
-}
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        // SAFETY: as in `enter`, with the fd of the namespace the thread came from.
-        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
-    }
-}
-
-/// A namespace with the underlay, the loaded programs and their maps.
-struct Lab {
-    ebpf: Ebpf,
-    underlay_mac: [u8; 6],
-    underlay_ifindex: u32,
-    // Dropped before the namespace it refers to.
-    _inside: InNetns,
-    _ns: NetNs,
-}
-
-fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
-    let out = ns.ip(&["-o", "link", "show", ifname]);
-    let addr = out
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .expect("link/ether in ip link output");
-    let mut mac = [0u8; 6];
-    for (b, part) in mac.iter_mut().zip(addr.split(':')) {
-        *b = u8::from_str_radix(part, 16).expect("hex");
-    }
-    mac
-}
-
-impl Lab {
+impl VxlanLab for ProgLab {
     fn new(test_name: &str) -> Option<Lab> {
-        if !require_root(test_name) {
-            return None;
-        }
-        let bytes = match flannel_agent::dataplane::ebpf_object() {
-            Ok(b) => b,
-            Err(e) => {
-                skip(test_name, &e.to_string());
-                return None;
-            }
-        };
-        let ns = NetNs::new("bpf");
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
-        ]);
-        ns.ip(&["addr", "add", "192.168.50.1/24", "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["link", "set", "eth0p", "up"]);
-        ns.ip(&[
-            "neigh",
-            "replace",
-            "192.168.50.2",
-            "lladdr",
-            "02:00:00:00:00:b2",
-            "nud",
-            "permanent",
-            "dev",
-            "eth0",
-        ]);
-        // Nodes forward (flannel needs it); the FIB helper insists on it.
-        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
-        let underlay_mac = mac_of(&ns, "eth0");
-        let inside = InNetns::enter(&ns);
-        let underlay_ifindex = ifindex("eth0");
-        let mut ebpf = Ebpf::load(bytes).expect("load the BPF object");
-        for name in [PROG_ENCAP, PROG_DECAP] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("program present")
-                .try_into()
-                .expect("classifier");
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
-        }
-        let mut lab = Lab {
-            ebpf,
-            underlay_mac,
-            underlay_ifindex,
-            _inside: inside,
-            _ns: ns,
-        };
+        let mut lab = ProgLab::load(
+            test_name,
+            "bpf",
+            NODE_A_IP,
+            NODE_B_IP,
+            &[PROG_ENCAP, PROG_DECAP],
+        )?;
         lab.set_peer(Ipv4Addr::new(10, 244, 2, 0), 24, NODE_B_IP, VTEP_B, SLOT_B);
         lab.set_peer(Ipv4Addr::new(10, 244, 1, 0), 24, NODE_A_IP, VTEP_A, SLOT_A);
         lab.be_node_a(FLAG_PEERS_SYNCED);
@@ -158,16 +75,21 @@ impl Lab {
     }
 
     fn config(&mut self, cfg: Config) {
-        let mut array: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();
-        array.set(0, cfg, 0).unwrap();
+        self.set_config(MAP_CONFIG, cfg);
     }
 
-    /// Node A: 192.168.50.1, subnet 10.244.1.0/24, VtepMAC VTEP_A.
     fn be_node_a(&mut self, flags: u32) {
+        self.be_node(NODE_A_IP, 1, VTEP_A, flags);
+    }
+
+    fn be_node_b(&mut self) {
+        self.be_node(NODE_B_IP, 2, VTEP_B, FLAG_PEERS_SYNCED);
+    }
+
+    fn be_node(&mut self, ip: Ipv4Addr, third: u8, vtep: [u8; 6], flags: u32) {
         let cfg = Config {
-            public_ip_be: be(NODE_A_IP),
-            subnet_be: be(Ipv4Addr::new(10, 244, 1, 0)),
+            public_ip_be: be(ip),
+            subnet_be: be(Ipv4Addr::new(10, 244, third, 0)),
             subnet_mask_be: mask(24),
             vni: VNI,
             underlay_ifindex: self.underlay_ifindex,
@@ -175,250 +97,10 @@ impl Lab {
             underlay_mtu: 1500,
             flags,
             port_be: PORT.to_be(),
-            vtep_mac: VTEP_A,
+            vtep_mac: vtep,
         };
         self.config(cfg);
     }
-
-    /// Node B: 192.168.50.2, subnet 10.244.2.0/24, VtepMAC VTEP_B (to decap what A sent).
-    fn be_node_b(&mut self) {
-        let cfg = Config {
-            public_ip_be: be(NODE_B_IP),
-            subnet_be: be(Ipv4Addr::new(10, 244, 2, 0)),
-            subnet_mask_be: mask(24),
-            vni: VNI,
-            underlay_ifindex: self.underlay_ifindex,
-            vxlan_ifindex: VXLAN_IFINDEX,
-            underlay_mtu: 1500,
-            flags: FLAG_PEERS_SYNCED,
-            port_be: PORT.to_be(),
-            vtep_mac: VTEP_B,
-        };
-        self.config(cfg);
-    }
-
-    fn set_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, mac: [u8; 6], slot: u32) {
-        let mut trie: LpmTrie<_, u32, Peer> =
-            LpmTrie::try_from(self.ebpf.map_mut(MAP_PEERS).unwrap()).unwrap();
-        trie.insert(
-            &Key::new(u32::from(len), be(net)),
-            Peer {
-                public_ip_be: be(ip),
-                index: slot,
-                vtep_mac: mac,
-                _pad: [0; 2],
-            },
-            0,
-        )
-        .unwrap();
-        let mut sources: HashMap<_, u32, PeerSource> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_SOURCES).unwrap()).unwrap();
-        sources
-            .insert(
-                be(ip),
-                PeerSource {
-                    subnet_be: be(net),
-                    mask_be: mask(len),
-                    index: slot,
-                    _pad: 0,
-                },
-                0,
-            )
-            .unwrap();
-    }
-
-    /// Runs `prog` on `frame`; returns the verdict and the output frame.
-    fn run_ctx(&mut self, prog: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
-        self.try_run_ctx(prog, frame, ctx)
-            .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e}", frame.len()))
-    }
-
-    /// Like [`Lab::run_ctx`], but returns test_run's refusal (the kernel rejects, for
-    /// example, IPv4 frames shorter than an IPv4 header before running anything).
-    fn try_run_ctx(
-        &mut self,
-        prog: &str,
-        frame: &[u8],
-        ctx: Option<&[u8]>,
-    ) -> Result<(u32, Vec<u8>), String> {
-        let prog: &mut SchedClassifier = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ctx,
-                ..TestRunOptions::default()
-            })
-            .map_err(|e| format!("{e:?}"))?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
-    }
-
-    /// Runs a truncated frame: the program must pass it unchanged, or test_run refuses
-    /// it up front (only allowed below the end of the outer IPv4 header).
-    #[track_caller]
-    fn expect_truncated(&mut self, prog: &str, frame: &[u8]) {
-        match self.try_run_ctx(prog, frame, None) {
-            Ok((verdict, out)) => {
-                assert_eq!(verdict, TC_ACT_OK, "truncated to {}", frame.len());
-                assert_eq!(out, frame, "truncated to {}: changed", frame.len());
-            }
-            Err(e) => assert!(
-                frame.len() < 34,
-                "test_run refused a {}-byte frame: {e}",
-                frame.len()
-            ),
-        }
-    }
-
-    fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.run_ctx(prog, frame, None)
-    }
-
-    fn reasons(&self) -> Vec<u64> {
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).unwrap()).unwrap();
-        (0..reason::COUNT)
-            .map(|i| counters.get(&i, 0).unwrap().iter().sum())
-            .collect()
-    }
-
-    fn peer_counters(&self, slot: u32) -> PeerCounters {
-        let counters: PerCpuArray<_, PeerCounters> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_PEER_COUNTERS).unwrap()).unwrap();
-        counters
-            .get(&slot, 0)
-            .unwrap()
-            .iter()
-            .fold(PeerCounters::default(), |a, c| a.add(*c))
-    }
-
-    /// Runs `prog` on `frame` and asserts the verdict and which reason counter moved.
-    #[track_caller]
-    fn expect(&mut self, what: &str, prog: &str, frame: &[u8], verdict: u32, why: Option<u32>) {
-        self.expect_ctx(what, prog, frame, None, verdict, why);
-    }
-
-    #[track_caller]
-    fn expect_ctx(
-        &mut self,
-        what: &str,
-        prog: &str,
-        frame: &[u8],
-        ctx: Option<&[u8]>,
-        verdict: u32,
-        why: Option<u32>,
-    ) {
-        let before = self.reasons();
-        let (got, out) = self.run_ctx(prog, frame, ctx);
-        assert_eq!(got, verdict, "{what}: verdict");
-        let after = self.reasons();
-        let moved: Vec<u32> = (0..reason::COUNT)
-            .filter(|&i| after[i as usize] != before[i as usize])
-            .collect();
-        let expected: Vec<u32> = why.into_iter().collect();
-        assert_eq!(
-            moved,
-            expected,
-            "{what}: reason counters moved: {:?}",
-            moved
-                .iter()
-                .map(|i| reason::NAMES[*i as usize])
-                .collect::<Vec<_>>()
-        );
-        if verdict != TC_ACT_REDIRECT {
-            assert_eq!(
-                out, frame,
-                "{what}: a packet not forwarded must be unchanged"
-            );
-        }
-    }
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: `c` is a NUL-terminated string alive for the call.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
-}
-
-// ---------------------------------------------------------------------------------------
-// Frame builders, written independently of the programs.
-// ---------------------------------------------------------------------------------------
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
-    let mut v = Vec::with_capacity(14);
-    v.extend_from_slice(&dst);
-    v.extend_from_slice(&src);
-    v.extend_from_slice(&proto.to_be_bytes());
-    v
-}
-
-#[derive(Clone, Copy)]
-struct Ip {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    tos: u8,
-    id: u16,
-    frag: u16,
-    ttl: u8,
-    ihl: u8,
-}
-
-impl Ip {
-    fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
-        Ip {
-            src,
-            dst,
-            proto,
-            tos: 0,
-            id: 0x1234,
-            frag: 0x4000,
-            ttl: 64,
-            ihl: 5,
-        }
-    }
-
-    fn bytes(&self, payload: &[u8]) -> Vec<u8> {
-        let hl = usize::from(self.ihl) * 4;
-        let mut h = vec![0u8; hl];
-        h[0] = 0x40 | self.ihl;
-        h[1] = self.tos;
-        h[2..4].copy_from_slice(&((hl + payload.len()) as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&self.id.to_be_bytes());
-        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
-        h[8] = self.ttl;
-        h[9] = self.proto;
-        h[12..16].copy_from_slice(&self.src.octets());
-        h[16..20].copy_from_slice(&self.dst.octets());
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(payload);
-        h
-    }
-}
-
-/// An ICMP echo request of `n` payload bytes.
-fn icmp(n: usize) -> Vec<u8> {
-    let mut v = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
-    v.extend((0..n).map(|i| i as u8));
-    let c = checksum(&v);
-    v[2..4].copy_from_slice(&c.to_be_bytes());
-    v
 }
 
 /// The frame the kernel hands to flannel.1's TC egress for pod A → pod B.
@@ -430,21 +112,9 @@ fn inner_frame(ip: Ip, payload_len: usize) -> Vec<u8> {
 
 /// A VXLAN frame on the underlay: `outer` carries UDP to `dport` with `vxlan` + `inner`.
 fn vxlan_frame(outer: Ip, sport: u16, dport: u16, vxlan: [u8; 8], inner: &[u8]) -> Vec<u8> {
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + 8 + inner.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&vxlan);
-    udp.extend_from_slice(inner);
     let mut f = eth([0x02, 0, 0, 0, 0, 0xa1], NEXT_HOP_MAC, 0x0800);
-    f.extend(outer.bytes(&udp));
+    f.extend(outer.bytes(&udp(sport, dport, &[&vxlan[..], inner].concat())));
     f
-}
-
-fn vxlan_hdr(vni: u32) -> [u8; 8] {
-    let v = vni.to_be_bytes();
-    [0x08, 0, 0, 0, v[1], v[2], v[3], 0]
 }
 
 /// A valid VXLAN frame from node B to node A carrying pod B → pod A.
@@ -618,7 +288,7 @@ fn encap_hands_the_rest_to_the_kernel() {
     );
 
     // Forwarding disabled: the FIB helper refuses, the kernel routes in redirect_neigh.
-    lab._ns
+    lab.ns
         .exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=0"]);
     let (verdict, _) = lab.run(PROG_ENCAP, &ok);
     assert_eq!(verdict, TC_ACT_REDIRECT, "forwarding off: redirect_neigh");
@@ -883,55 +553,12 @@ fn decap_verdicts() {
     );
 }
 
-/// A `struct __sk_buff` for `ctx_in` with only `gso_size` and `gso_segs` set.
-fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
-    // uapi/linux/bpf.h: sizeof(struct __sk_buff) == 192, gso_segs at 164, gso_size at 176.
-    let mut ctx = vec![0u8; 192];
-    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
-    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx
-}
-
 // ---------------------------------------------------------------------------------------
 // Real packets: the fast path on host A against a plain kernel flannel.1 on host B.
 // ---------------------------------------------------------------------------------------
 
 const HOST_MAC_A: &str = "02:fa:00:00:00:0a";
 const HOST_MAC_B: &str = "02:fb:00:00:00:0b";
-
-/// A private bpf filesystem on a temporary directory, unmounted on drop (which also
-/// releases whatever is still pinned there).
-struct PrivateBpffs {
-    dir: tempfile::TempDir,
-}
-
-impl PrivateBpffs {
-    fn mount() -> PrivateBpffs {
-        let dir = tempfile::Builder::new()
-            .prefix("fltest-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        flannel_tests::run_ok(
-            std::process::Command::new("mount")
-                .args(["-t", "bpf", "bpf"])
-                .arg(dir.path()),
-        );
-        PrivateBpffs { dir }
-    }
-
-    fn pin_dir(&self) -> std::path::PathBuf {
-        self.dir.path().join("flannel")
-    }
-}
-
-impl Drop for PrivateBpffs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// One flannel host: a namespace on the underlay with a kernel flannel.1 configured as
 /// Go flannel does, and a container namespace behind it.
@@ -1080,92 +707,6 @@ impl Host {
             pin_dir,
         }
     }
-}
-
-fn ping(from: &NetNs, to: Ipv4Addr, count: u32) {
-    from.exec_ok(&[
-        "ping",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &to.to_string(),
-    ]);
-}
-
-/// Runs `f` on a new thread inside namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &NetNs,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        let target = File::open(&path).expect("open netns");
-        // SAFETY: setns(2) on this new thread only, with a namespace fd we hold open.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
-/// Sends `bytes` over TCP from `client` to a listener in `server`; returns what arrived.
-fn tcp_transfer(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: usize) -> usize {
-    use std::io::{Read as _, Write as _};
-    let (tx, rx) = std::sync::mpsc::channel();
-    let srv = in_netns(server, move || {
-        let listener = std::net::TcpListener::bind((server_ip, 5201)).expect("bind");
-        tx.send(()).unwrap();
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut total = 0;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let n = s.read(&mut buf).expect("read");
-            if n == 0 {
-                break total;
-            }
-            total += n;
-        }
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(5))
-        .expect("listener ready");
-    let cli = in_netns(client, move || {
-        let mut s = std::net::TcpStream::connect_timeout(
-            &(server_ip, 5201).into(),
-            std::time::Duration::from_secs(5),
-        )
-        .expect("connect");
-        s.set_write_timeout(Some(std::time::Duration::from_secs(20)))
-            .unwrap();
-        let chunk = vec![0x5au8; 65536];
-        let mut sent = 0;
-        while sent < bytes {
-            let n = chunk.len().min(bytes - sent);
-            s.write_all(&chunk[..n]).expect("write");
-            sent += n;
-        }
-    });
-    cli.join().expect("client");
-    srv.join().expect("server")
-}
-
-fn counters_for(fp: &VxlanFastPath, subnet: Ipv4Net) -> PeerCounters {
-    fp.peer_counters()
-        .expect("read counters")
-        .into_iter()
-        .find(|(n, _)| *n == subnet)
-        .map(|(_, c)| c)
-        .expect("peer present")
-}
-
-fn reason_count(fp: &VxlanFastPath, name: &str) -> u64 {
-    fp.drop_counters()
-        .expect("read reasons")
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, c)| c)
-        .expect("reason present")
 }
 
 #[test]

@@ -25,28 +25,24 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    Ebpf, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType},
-};
-use flannel_agent::dataplane::{
-    Ipv4Net, PeerCounters, UdpFastPath, UdpFastPathConfig, UdpPeerEntry,
-};
+use aya::programs::{SchedClassifier, TcAttachType};
+use flannel_agent::dataplane::{Ipv4Net, UdpFastPath, UdpFastPathConfig, UdpPeerEntry};
 use flannel_common::{
-    MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, MAP_UDP_CONFIG, PROG_UDP_DECAP,
-    PROG_UDP_ENCAP,
-    maps::{FLAG_PEERS_SYNCED, Peer, PeerSource, UdpConfig, reason},
+    MAP_PEERS, MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP,
+    maps::{FLAG_PEERS_SYNCED, UdpConfig, reason},
 };
-use flannel_tests::{NetNs, require_root, skip};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use flannel_tests::{
+    NetNs,
+    bpf::{
+        NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, counters_for,
+        ifindex, in_netns, nonzero_reasons, ping, reason_count, skb_ctx_with_gso, tcp_transfer,
+    },
+    packet::{Ip, be, checksum, eth, icmp, mask, udp},
+    require_root, skip,
+};
 
 const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
 const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 2);
-const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
 const PORT: u16 = 8285;
@@ -57,138 +53,43 @@ const SLOT_B: u32 = 3;
 /// flannel0's MTU on a 1500-byte underlay.
 const TUN_MTU: usize = 1472;
 
-fn be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-fn mask(len: u8) -> u32 {
-    be(Ipv4Addr::from(u32::MAX << (32 - u32::from(len))))
-}
-
-/// Makes the calling thread live in a namespace until dropped.
-struct InNetns {
-    orig: File,
-}
-
-impl InNetns {
-    fn enter(ns: &NetNs) -> InNetns {
-        let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
-        let target = File::open(format!("/var/run/netns/{}", ns.name())).expect("open netns");
-        // SAFETY: setns(2) with a namespace fd we hold open; it only changes this thread.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        InNetns { orig }
-    }
-}
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        // SAFETY: as in `enter`, with the fd of the namespace the thread came from.
-        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
-    }
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: `c` is a NUL-terminated string alive for the call.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
-}
-
-fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
-    let out = ns.ip(&["-o", "link", "show", ifname]);
-    let addr = out
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .expect("link/ether in ip link output");
-    let mut mac = [0u8; 6];
-    for (b, part) in mac.iter_mut().zip(addr.split(':')) {
-        *b = u8::from_str_radix(part, 16).expect("hex");
-    }
-    mac
-}
-
 // ---------------------------------------------------------------------------------------
 // BPF_PROG_TEST_RUN
 // ---------------------------------------------------------------------------------------
 
 /// A namespace with the underlay, the loaded udp programs and their maps.
-struct Lab {
-    ebpf: Ebpf,
-    underlay_mac: [u8; 6],
-    underlay_ifindex: u32,
-    // Dropped before the namespace it refers to.
-    _inside: InNetns,
-    ns: NetNs,
+type Lab = ProgLab;
+
+/// The udp programs' setup on a [`ProgLab`].
+trait UdpLab: Sized {
+    /// The lab as node A, with both nodes' subnets as peers.
+    fn new(test_name: &str) -> Option<Self>;
+    fn config(&mut self, cfg: UdpConfig);
+    /// Node at `ip` with subnet 10.244.`third`.0/24.
+    fn be_node(&mut self, ip: Ipv4Addr, third: u8, flags: u32);
+    /// A peer (no VTEP MAC: the udp backend has none).
+    fn set_udp_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, slot: u32);
 }
 
-impl Lab {
+impl UdpLab for ProgLab {
     fn new(test_name: &str) -> Option<Lab> {
-        if !require_root(test_name) {
-            return None;
-        }
-        let bytes = match flannel_agent::dataplane::ebpf_object() {
-            Ok(b) => b,
-            Err(e) => {
-                skip(test_name, &e.to_string());
-                return None;
-            }
-        };
-        let ns = NetNs::new("udpbpf");
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
-        ]);
-        ns.ip(&["addr", "add", "192.168.60.1/24", "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["link", "set", "eth0p", "up"]);
-        ns.ip(&[
-            "neigh",
-            "replace",
-            "192.168.60.2",
-            "lladdr",
-            "02:00:00:00:00:b2",
-            "nud",
-            "permanent",
-            "dev",
-            "eth0",
-        ]);
-        // Nodes forward (flannel needs it); the FIB helper insists on it.
-        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
-        let underlay_mac = mac_of(&ns, "eth0");
-        let inside = InNetns::enter(&ns);
-        let underlay_ifindex = ifindex("eth0");
-        let mut ebpf = Ebpf::load(bytes).expect("load the BPF object");
-        for name in [PROG_UDP_ENCAP, PROG_UDP_DECAP] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("program present")
-                .try_into()
-                .expect("classifier");
-            prog.load()
-                .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
-        }
-        let mut lab = Lab {
-            ebpf,
-            underlay_mac,
-            underlay_ifindex,
-            _inside: inside,
-            ns,
-        };
-        lab.set_peer(Ipv4Addr::new(10, 244, 2, 0), 24, NODE_B_IP, SLOT_B);
-        lab.set_peer(Ipv4Addr::new(10, 244, 1, 0), 24, NODE_A_IP, SLOT_A);
+        let mut lab = ProgLab::load(
+            test_name,
+            "udpbpf",
+            NODE_A_IP,
+            NODE_B_IP,
+            &[PROG_UDP_ENCAP, PROG_UDP_DECAP],
+        )?;
+        lab.set_udp_peer(Ipv4Addr::new(10, 244, 2, 0), 24, NODE_B_IP, SLOT_B);
+        lab.set_udp_peer(Ipv4Addr::new(10, 244, 1, 0), 24, NODE_A_IP, SLOT_A);
         lab.be_node(NODE_A_IP, 1, FLAG_PEERS_SYNCED);
         Some(lab)
     }
 
     fn config(&mut self, cfg: UdpConfig) {
-        let mut array: Array<_, UdpConfig> =
-            Array::try_from(self.ebpf.map_mut(MAP_UDP_CONFIG).unwrap()).unwrap();
-        array.set(0, cfg, 0).unwrap();
+        self.set_config(MAP_UDP_CONFIG, cfg);
     }
 
-    /// Node at `ip` with subnet 10.244.`third`.0/24.
     fn be_node(&mut self, ip: Ipv4Addr, third: u8, flags: u32) {
         let cfg = UdpConfig {
             public_ip_be: be(ip),
@@ -204,217 +105,12 @@ impl Lab {
         self.config(cfg);
     }
 
-    fn set_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, slot: u32) {
-        let mut trie: LpmTrie<_, u32, Peer> =
-            LpmTrie::try_from(self.ebpf.map_mut(MAP_PEERS).unwrap()).unwrap();
-        trie.insert(
-            &Key::new(u32::from(len), be(net)),
-            Peer {
-                public_ip_be: be(ip),
-                index: slot,
-                vtep_mac: [0; 6],
-                _pad: [0; 2],
-            },
-            0,
-        )
-        .unwrap();
-        let mut sources: HashMap<_, u32, PeerSource> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_SOURCES).unwrap()).unwrap();
-        sources
-            .insert(
-                be(ip),
-                PeerSource {
-                    subnet_be: be(net),
-                    mask_be: mask(len),
-                    index: slot,
-                    _pad: 0,
-                },
-                0,
-            )
-            .unwrap();
-    }
-
-    /// Runs `prog` on `frame`; returns the verdict and the output frame, or test_run's
-    /// refusal (the kernel rejects, for example, IPv4 frames shorter than an IPv4 header
-    /// before running anything).
-    fn try_run_ctx(
-        &mut self,
-        prog: &str,
-        frame: &[u8],
-        ctx: Option<&[u8]>,
-    ) -> Result<(u32, Vec<u8>), String> {
-        let prog: &mut SchedClassifier = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ctx,
-                ..TestRunOptions::default()
-            })
-            .map_err(|e| format!("{e:?}"))?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
-    }
-
-    fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run_ctx(prog, frame, None)
-            .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e}", frame.len()))
-    }
-
-    /// Runs a truncated frame: the program must pass it unchanged, or test_run refuses
-    /// it up front (only allowed below the end of the outer IPv4 header).
-    #[track_caller]
-    fn expect_truncated(&mut self, prog: &str, frame: &[u8]) {
-        match self.try_run_ctx(prog, frame, None) {
-            Ok((verdict, out)) => {
-                assert_eq!(verdict, TC_ACT_OK, "truncated to {}", frame.len());
-                assert_eq!(out, frame, "truncated to {}: changed", frame.len());
-            }
-            Err(e) => assert!(
-                frame.len() < 34,
-                "test_run refused a {}-byte frame: {e}",
-                frame.len()
-            ),
-        }
-    }
-
-    fn reasons(&self) -> Vec<u64> {
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).unwrap()).unwrap();
-        (0..reason::COUNT)
-            .map(|i| counters.get(&i, 0).unwrap().iter().sum())
-            .collect()
-    }
-
-    fn peer_counters(&self, slot: u32) -> PeerCounters {
-        let counters: PerCpuArray<_, PeerCounters> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_PEER_COUNTERS).unwrap()).unwrap();
-        counters
-            .get(&slot, 0)
-            .unwrap()
-            .iter()
-            .fold(PeerCounters::default(), |a, c| a.add(*c))
-    }
-
-    /// Runs `prog` on `frame` and asserts the verdict and which reason counter moved.
-    #[track_caller]
-    fn expect(&mut self, what: &str, prog: &str, frame: &[u8], verdict: u32, why: Option<u32>) {
-        self.expect_ctx(what, prog, frame, None, verdict, why);
-    }
-
-    #[track_caller]
-    fn expect_ctx(
-        &mut self,
-        what: &str,
-        prog: &str,
-        frame: &[u8],
-        ctx: Option<&[u8]>,
-        verdict: u32,
-        why: Option<u32>,
-    ) {
-        let before = self.reasons();
-        let (got, out) = self
-            .try_run_ctx(prog, frame, ctx)
-            .unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
-        assert_eq!(got, verdict, "{what}: verdict");
-        let after = self.reasons();
-        let moved: Vec<u32> = (0..reason::COUNT)
-            .filter(|&i| after[i as usize] != before[i as usize])
-            .collect();
-        let expected: Vec<u32> = why.into_iter().collect();
-        assert_eq!(
-            moved,
-            expected,
-            "{what}: reason counters moved: {:?}",
-            moved
-                .iter()
-                .map(|i| reason::NAMES[*i as usize])
-                .collect::<Vec<_>>()
-        );
-        if verdict != TC_ACT_REDIRECT {
-            assert_eq!(
-                out, frame,
-                "{what}: a packet not forwarded must be unchanged"
-            );
-        }
+    fn set_udp_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, slot: u32) {
+        self.set_peer(net, len, ip, [0; 6], slot);
     }
 }
 
-// Frame builders, written independently of the programs.
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
-    let mut v = Vec::with_capacity(14);
-    v.extend_from_slice(&dst);
-    v.extend_from_slice(&src);
-    v.extend_from_slice(&proto.to_be_bytes());
-    v
-}
-
-#[derive(Clone, Copy)]
-struct Ip {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    tos: u8,
-    id: u16,
-    frag: u16,
-    ttl: u8,
-    ihl: u8,
-}
-
-impl Ip {
-    fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Ip {
-        Ip {
-            src,
-            dst,
-            proto,
-            tos: 0,
-            id: 0x1234,
-            frag: 0x4000,
-            ttl: 64,
-            ihl: 5,
-        }
-    }
-
-    fn bytes(&self, payload: &[u8]) -> Vec<u8> {
-        let hl = usize::from(self.ihl) * 4;
-        let mut h = vec![0u8; hl];
-        h[0] = 0x40 | self.ihl;
-        h[1] = self.tos;
-        h[2..4].copy_from_slice(&((hl + payload.len()) as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&self.id.to_be_bytes());
-        h[6..8].copy_from_slice(&self.frag.to_be_bytes());
-        h[8] = self.ttl;
-        h[9] = self.proto;
-        h[12..16].copy_from_slice(&self.src.octets());
-        h[16..20].copy_from_slice(&self.dst.octets());
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(payload);
-        h
-    }
-}
-
-/// An ICMP echo request of `n` payload bytes.
-fn icmp(n: usize) -> Vec<u8> {
-    let mut v = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
-    v.extend((0..n).map(|i| i as u8));
-    let c = checksum(&v);
-    v[2..4].copy_from_slice(&c.to_be_bytes());
-    v
-}
+// Frame builders, written independently of the programs: see `flannel_tests::packet`.
 
 /// What test_run hands encap for pod A → pod B: an Ethernet header (on flannel0 there is
 /// none) and the inner packet.
@@ -426,14 +122,8 @@ fn tun_frame(ip: Ip, payload_len: usize) -> Vec<u8> {
 
 /// A flannel-udp frame on the underlay: `outer` carries UDP to `dport` with `inner`.
 fn udp_frame(outer: Ip, sport: u16, dport: u16, inner: &[u8]) -> Vec<u8> {
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(inner);
     let mut f = eth([0x02, 0, 0, 0, 0, 0xa1], NEXT_HOP_MAC, 0x0800);
-    f.extend(outer.bytes(&udp));
+    f.extend(outer.bytes(&udp(sport, dport, inner)));
     f
 }
 
@@ -596,7 +286,7 @@ fn encap_hands_the_rest_to_the_tun() {
         lab.expect_truncated(PROG_UDP_ENCAP, &ok[..len]);
     }
     // No route for the peer's PublicIP.
-    lab.set_peer(
+    lab.set_udp_peer(
         Ipv4Addr::new(10, 244, 7, 0),
         24,
         Ipv4Addr::new(203, 0, 113, 9),
@@ -610,7 +300,7 @@ fn encap_hands_the_rest_to_the_tun() {
         Some(reason::PASS_NO_ROUTE),
     );
     // On-link peer without a neighbour entry: bpf_redirect_neigh resolves it.
-    lab.set_peer(
+    lab.set_udp_peer(
         Ipv4Addr::new(10, 244, 8, 0),
         24,
         Ipv4Addr::new(192, 168, 60, 8),
@@ -668,15 +358,6 @@ fn encap_decap_round_trip() {
     assert_eq!(checksum(&out[14..34]), 0, "inner IPv4 header checksum");
     let c = lab.peer_counters(SLOT_A);
     assert_eq!((c.rx_packets, c.rx_bytes), (1, (frame.len() - 14) as u64));
-}
-
-/// A `struct __sk_buff` for `ctx_in` with only `gso_size` and `gso_segs` set.
-fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
-    // uapi/linux/bpf.h: sizeof(struct __sk_buff) == 192, gso_segs at 164, gso_size at 176.
-    let mut ctx = vec![0u8; 192];
-    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
-    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx
 }
 
 #[test]
@@ -904,55 +585,6 @@ fn decap_verdicts() {
 // configures it, a container behind each host.
 // ---------------------------------------------------------------------------------------
 
-/// A private bpf filesystem on a temporary directory, unmounted on drop (which also
-/// releases whatever is still pinned there).
-struct PrivateBpffs {
-    dir: tempfile::TempDir,
-}
-
-impl PrivateBpffs {
-    fn mount() -> PrivateBpffs {
-        let dir = tempfile::Builder::new()
-            .prefix("fltest-bpffs-")
-            .tempdir()
-            .expect("tempdir");
-        flannel_tests::run_ok(
-            std::process::Command::new("mount")
-                .args(["-t", "bpf", "bpf"])
-                .arg(dir.path()),
-        );
-        PrivateBpffs { dir }
-    }
-
-    fn pin_dir(&self, host: &str) -> std::path::PathBuf {
-        self.dir.path().join(host).join("flannel")
-    }
-}
-
-impl Drop for PrivateBpffs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Runs `f` on a new thread inside namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &NetNs,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = format!("/var/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        let target = File::open(&path).expect("open netns");
-        // SAFETY: setns(2) on this new thread only, with a namespace fd we hold open.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
 /// `TUNSETIFF` from `linux/if_tun.h`: `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
@@ -1101,82 +733,6 @@ impl Host {
     }
 }
 
-fn ping(from: &NetNs, to: Ipv4Addr, count: u32) {
-    from.exec_ok(&[
-        "ping",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &to.to_string(),
-    ]);
-}
-
-/// Sends `bytes` over TCP from `client` to a listener in `server`; returns what arrived.
-fn tcp_transfer(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: usize) -> usize {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let srv = in_netns(server, move || {
-        let listener = std::net::TcpListener::bind((server_ip, 5201)).expect("bind");
-        tx.send(()).unwrap();
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut total = 0;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let n = s.read(&mut buf).expect("read");
-            if n == 0 {
-                break total;
-            }
-            total += n;
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("listener ready");
-    let cli = in_netns(client, move || {
-        let mut s =
-            std::net::TcpStream::connect_timeout(&(server_ip, 5201).into(), Duration::from_secs(5))
-                .expect("connect");
-        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        let chunk = vec![0x5au8; 65536];
-        let mut sent = 0;
-        while sent < bytes {
-            let n = chunk.len().min(bytes - sent);
-            s.write_all(&chunk[..n]).expect("write");
-            sent += n;
-        }
-    });
-    cli.join().expect("client");
-    srv.join().expect("server")
-}
-
-fn counters_for(fp: &UdpFastPath, subnet: Ipv4Net) -> PeerCounters {
-    fp.peer_counters()
-        .expect("read counters")
-        .into_iter()
-        .find(|(n, _)| *n == subnet)
-        .map(|(_, c)| c)
-        .expect("peer present")
-}
-
-fn reason_count(fp: &UdpFastPath, name: &str) -> u64 {
-    fp.drop_counters()
-        .expect("read reasons")
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, c)| c)
-        .expect("reason present")
-}
-
-fn nonzero_reasons(fp: &UdpFastPath) -> Vec<(&'static str, u64)> {
-    fp.drop_counters()
-        .expect("read reasons")
-        .into_iter()
-        .filter(|(_, c)| *c != 0)
-        .collect()
-}
-
 /// Kernel program names are cut to 15 bytes (`BPF_OBJ_NAME_LEN` with the NUL).
 fn kernel_name(prog: &str) -> &str {
     &prog[..prog.len().min(15)]
@@ -1209,8 +765,8 @@ fn udp_fast_path_on_both_hosts() {
     let mut a = Host::new(&mut ul, "ua", 1);
     let mut b = Host::new(&mut ul, "ub", 2);
 
-    let mut fa = a.attach(bpffs.pin_dir("a"));
-    let mut fb = b.attach(bpffs.pin_dir("b"));
+    let mut fa = a.attach(bpffs.host_pin_dir("a"));
+    let mut fb = b.attach(bpffs.host_pin_dir("b"));
     fa.sync_peers(&[b.peer_entry()]).expect("sync A");
     fb.sync_peers(&[a.peer_entry()]).expect("sync B");
     assert_eq!(
@@ -1267,7 +823,7 @@ fn udp_fast_path_on_both_hosts() {
     // "SIGKILL" of A's agent: forwarding goes on; a new agent adopts without a flush.
     drop(fa);
     ping(&a.container, b.container_ip(), 2);
-    let fa = a.attach(bpffs.pin_dir("a"));
+    let fa = a.attach(bpffs.host_pin_dir("a"));
     assert_eq!(fa.peers(), vec![b.peer_entry()], "peer map adopted");
     let c3 = counters_for(&fa, b.subnet);
     assert_eq!(
@@ -1295,7 +851,7 @@ fn udp_fast_path_on_both_hosts() {
     fa.detach_and_unpin().expect("detach A");
     fb.detach_and_unpin().expect("detach B");
     assert!(
-        !bpffs.pin_dir("a").exists() && !bpffs.pin_dir("b").exists(),
+        !bpffs.host_pin_dir("a").exists() && !bpffs.host_pin_dir("b").exists(),
         "pins removed"
     );
     assert!(names_of_tcx(&a.ns, "flannel0", TcAttachType::Egress).is_empty());
@@ -1435,7 +991,7 @@ fn udp_fast_path_against_a_userspace_flannel_peer() {
     let evil_ip = ul.attach(&evil, "eth0");
 
     a.checksum_on_the_wire();
-    let mut fa = a.attach(bpffs.pin_dir("a"));
+    let mut fa = a.attach(bpffs.host_pin_dir("a"));
     fa.sync_peers(&[b.peer_entry()]).expect("sync A");
     let userspace = UserspacePeer::start(&mut b, a.public_ip);
 
@@ -1701,8 +1257,8 @@ fn measure_udp_vs_vxlan_throughput() {
         let mut ul = flannel_tests::Underlay::new("10.92.0");
         let a = Host::new(&mut ul, "pa", 1);
         let b = Host::new(&mut ul, "pb", 2);
-        let mut fa = a.attach(bpffs.pin_dir("ua"));
-        let mut fb = b.attach(bpffs.pin_dir("ub"));
+        let mut fa = a.attach(bpffs.host_pin_dir("ua"));
+        let mut fb = b.attach(bpffs.host_pin_dir("ub"));
         fa.sync_peers(&[b.peer_entry()]).unwrap();
         fb.sync_peers(&[a.peer_entry()]).unwrap();
         report(
@@ -1744,8 +1300,8 @@ fn measure_udp_vs_vxlan_throughput() {
         }
         vxlan_peer(&a, &b, MAC_B);
         vxlan_peer(&b, &a, MAC_A);
-        let mut fa = attach_vxlan(&a, MAC_A, bpffs.pin_dir("va"));
-        let mut fb = attach_vxlan(&b, MAC_B, bpffs.pin_dir("vb"));
+        let mut fa = attach_vxlan(&a, MAC_A, bpffs.host_pin_dir("va"));
+        let mut fb = attach_vxlan(&b, MAC_B, bpffs.host_pin_dir("vb"));
         let entry = |h: &Host, mac: &str| {
             use std::str::FromStr as _;
             flannel_agent::dataplane::PeerEntry {
@@ -1798,7 +1354,7 @@ fn udp_pins_layouts_and_a_recreated_tun() {
     let b = Host::new(&mut ul, "lb", 2);
     // One pin directory for both fast paths (vxlan's on B, udp's on A): they must not
     // touch each other's pins.
-    let pin_dir = bpffs.pin_dir("shared");
+    let pin_dir = bpffs.host_pin_dir("shared");
     let udp_layout = pin_dir
         .join("udp")
         .join(format!("v{}", flannel_common::LAYOUT_VERSION));

@@ -1,0 +1,488 @@
+//! Helpers for the privileged BPF tests: entering namespaces from test threads, a private
+//! bpffs, the loaded programs under BPF_PROG_TEST_RUN ([`ProgLab`]), real traffic between
+//! namespaces and the fast paths' counters.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, Pod, TestRun, TestRunOptions,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::SchedClassifier,
+};
+use flannel_agent::dataplane::{Ipv4Net, UdpFastPath, VxlanFastPath};
+use flannel_common::{
+    MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES,
+    maps::{Peer, PeerCounters, PeerSource, reason},
+};
+
+use crate::{
+    NetNs,
+    packet::{be, mask, parse_mac},
+    require_root, skip,
+};
+
+/// `TC_ACT_OK`: the packet goes on through the kernel.
+pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_SHOT`: the packet is dropped.
+pub const TC_ACT_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: the program forwarded the packet.
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The MAC of the permanent neighbour [`ProgLab`] sets up for the peer's underlay address.
+pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
+
+/// Makes the calling thread live in a namespace until dropped.
+pub struct InNetns {
+    orig: File,
+}
+
+impl InNetns {
+    /// Moves the calling thread into `ns`; dropping the guard moves it back.
+    pub fn enter(ns: &NetNs) -> InNetns {
+        let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let target = File::open(format!("/var/run/netns/{}", ns.name())).expect("open netns");
+        // SAFETY: setns(2) with a namespace fd we hold open; it only changes this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        InNetns { orig }
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`, with the fd of the namespace the thread came from.
+        unsafe { libc::setns(self.orig.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
+/// Runs `f` on a new thread inside namespace `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let target = File::open(&path).expect("open netns");
+        // SAFETY: setns(2) on this new thread only, with a namespace fd we hold open.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// The ifindex of `name` in the calling thread's namespace; panics if there is none.
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `c` is a NUL-terminated string alive for the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// The MAC address of `ifname` in `ns`.
+pub fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
+    let out = ns.ip(&["-o", "link", "show", ifname]);
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("link/ether in ip link output");
+    parse_mac(addr)
+}
+
+/// A private bpf filesystem on a temporary directory, unmounted on drop (which also
+/// releases whatever is still pinned there).
+pub struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    /// Mounts a new bpffs on a fresh temporary directory.
+    pub fn mount() -> PrivateBpffs {
+        let dir = tempfile::Builder::new()
+            .prefix("fltest-bpffs-")
+            .tempdir()
+            .expect("tempdir");
+        crate::run_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(dir.path()),
+        );
+        PrivateBpffs { dir }
+    }
+
+    /// `flannel` directly under the mount: the pin directory for a single host.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.path().join("flannel")
+    }
+
+    /// `<host>/flannel` under the mount: a pin directory per host sharing the mount.
+    pub fn host_pin_dir(&self, host: &str) -> PathBuf {
+        self.dir.path().join(host).join("flannel")
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// `count` pings from `from` to `to`, 0.2 s apart; panics unless ping succeeds.
+pub fn ping(from: &NetNs, to: Ipv4Addr, count: u32) {
+    from.exec_ok(&[
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &to.to_string(),
+    ]);
+}
+
+/// Sends `bytes` over TCP from `client` to a listener in `server` (port 5201); returns
+/// what arrived.
+pub fn tcp_transfer(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: usize) -> usize {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = in_netns(server, move || {
+        let listener = std::net::TcpListener::bind((server_ip, 5201)).expect("bind");
+        tx.send(()).unwrap();
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut total = 0;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break total;
+            }
+            total += n;
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("listener ready");
+    let cli = in_netns(client, move || {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&(server_ip, 5201).into(), Duration::from_secs(5))
+                .expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let chunk = vec![0x5au8; 65536];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            s.write_all(&chunk[..n]).expect("write");
+            sent += n;
+        }
+    });
+    cli.join().expect("client");
+    srv.join().expect("server")
+}
+
+/// A `struct __sk_buff` for `ctx_in` with only `gso_size` and `gso_segs` set.
+pub fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
+    // uapi/linux/bpf.h: sizeof(struct __sk_buff) == 192, gso_segs at 164, gso_size at 176.
+    let mut ctx = vec![0u8; 192];
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+/// A fast path whose counters the tests read (the vxlan and the udp one).
+pub trait FastPathCounters {
+    /// The per-peer counters by subnet.
+    fn peer_list(&self) -> Vec<(Ipv4Net, PeerCounters)>;
+    /// The reason counters by name.
+    fn reason_list(&self) -> Vec<(&'static str, u64)>;
+}
+
+impl FastPathCounters for VxlanFastPath {
+    fn peer_list(&self) -> Vec<(Ipv4Net, PeerCounters)> {
+        self.peer_counters().expect("read counters")
+    }
+    fn reason_list(&self) -> Vec<(&'static str, u64)> {
+        self.drop_counters().expect("read reasons")
+    }
+}
+
+impl FastPathCounters for UdpFastPath {
+    fn peer_list(&self) -> Vec<(Ipv4Net, PeerCounters)> {
+        self.peer_counters().expect("read counters")
+    }
+    fn reason_list(&self) -> Vec<(&'static str, u64)> {
+        self.drop_counters().expect("read reasons")
+    }
+}
+
+/// The counters of the peer for `subnet`; panics if there is no such peer.
+pub fn counters_for(fp: &impl FastPathCounters, subnet: Ipv4Net) -> PeerCounters {
+    fp.peer_list()
+        .into_iter()
+        .find(|(n, _)| *n == subnet)
+        .map(|(_, c)| c)
+        .expect("peer present")
+}
+
+/// The count of reason `name`; panics if there is no such reason.
+pub fn reason_count(fp: &impl FastPathCounters, name: &str) -> u64 {
+    fp.reason_list()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| c)
+        .expect("reason present")
+}
+
+/// The reasons whose count is not zero.
+pub fn nonzero_reasons(fp: &impl FastPathCounters) -> Vec<(&'static str, u64)> {
+    fp.reason_list()
+        .into_iter()
+        .filter(|(_, c)| *c != 0)
+        .collect()
+}
+
+/// A private namespace with an underlay `eth0` (a veth), the BPF object's programs
+/// loaded and their maps, the test thread inside the namespace (test_run and the
+/// programs' `bpf_fib_lookup` use the calling thread's namespace).
+pub struct ProgLab {
+    /// The loaded object.
+    pub ebpf: Ebpf,
+    /// `eth0`'s MAC.
+    pub underlay_mac: [u8; 6],
+    /// `eth0`'s ifindex.
+    pub underlay_ifindex: u32,
+    // Fields drop in order: this one before the namespace it refers to.
+    _inside: InNetns,
+    /// The namespace.
+    pub ns: NetNs,
+}
+
+impl ProgLab {
+    /// A namespace named after `ns_prefix` where `eth0` has `local`/24, forwarding is on
+    /// and `peer` is a permanent neighbour at [`NEXT_HOP_MAC`] (so FIB lookups resolve
+    /// deterministically), with `progs` loaded as classifiers. `None` (a skip) without
+    /// root or without the BPF object.
+    pub fn load(
+        test_name: &str,
+        ns_prefix: &str,
+        local: Ipv4Addr,
+        peer: Ipv4Addr,
+        progs: &[&str],
+    ) -> Option<ProgLab> {
+        if !require_root(test_name) {
+            return None;
+        }
+        let bytes = match flannel_agent::dataplane::ebpf_object() {
+            Ok(b) => b,
+            Err(e) => {
+                skip(test_name, &e.to_string());
+                return None;
+            }
+        };
+        let ns = NetNs::new(ns_prefix);
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ]);
+        ns.ip(&["addr", "add", &format!("{local}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["link", "set", "eth0p", "up"]);
+        let next_hop_mac = NEXT_HOP_MAC.map(|b| format!("{b:02x}")).join(":");
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &peer.to_string(),
+            "lladdr",
+            &next_hop_mac,
+            "nud",
+            "permanent",
+            "dev",
+            "eth0",
+        ]);
+        // Nodes forward (flannel needs it); the FIB helper insists on it.
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        let underlay_mac = mac_of(&ns, "eth0");
+        let inside = InNetns::enter(&ns);
+        let underlay_ifindex = ifindex("eth0");
+        let mut ebpf = Ebpf::load(bytes).expect("load the BPF object");
+        for name in progs {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program present")
+                .try_into()
+                .expect("classifier");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
+        }
+        Some(ProgLab {
+            ebpf,
+            underlay_mac,
+            underlay_ifindex,
+            _inside: inside,
+            ns,
+        })
+    }
+
+    /// Writes `cfg` as entry 0 of the array map `map`.
+    pub fn set_config<T: Pod>(&mut self, map: &str, cfg: T) {
+        let mut array: Array<_, T> = Array::try_from(self.ebpf.map_mut(map).unwrap()).unwrap();
+        array.set(0, cfg, 0).unwrap();
+    }
+
+    /// Makes `net/len` a peer at underlay address `ip` with VTEP MAC `mac` and counter
+    /// slot `slot`, in both the route trie and the sources map.
+    pub fn set_peer(&mut self, net: Ipv4Addr, len: u8, ip: Ipv4Addr, mac: [u8; 6], slot: u32) {
+        let mut trie: LpmTrie<_, u32, Peer> =
+            LpmTrie::try_from(self.ebpf.map_mut(MAP_PEERS).unwrap()).unwrap();
+        trie.insert(
+            &Key::new(u32::from(len), be(net)),
+            Peer {
+                public_ip_be: be(ip),
+                index: slot,
+                vtep_mac: mac,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .unwrap();
+        let mut sources: HashMap<_, u32, PeerSource> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SOURCES).unwrap()).unwrap();
+        sources
+            .insert(
+                be(ip),
+                PeerSource {
+                    subnet_be: be(net),
+                    mask_be: mask(len),
+                    index: slot,
+                    _pad: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+
+    /// Runs `prog` on `frame`; returns the verdict and the output frame.
+    pub fn run_ctx(&mut self, prog: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
+        self.try_run_ctx(prog, frame, ctx)
+            .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e}", frame.len()))
+    }
+
+    /// Like [`ProgLab::run_ctx`], but returns test_run's refusal (the kernel rejects, for
+    /// example, IPv4 frames shorter than an IPv4 header before running anything).
+    pub fn try_run_ctx(
+        &mut self,
+        prog: &str,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+    ) -> Result<(u32, Vec<u8>), String> {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx,
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// [`ProgLab::run_ctx`] without a context.
+    pub fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_ctx(prog, frame, None)
+    }
+
+    /// Runs a truncated frame: the program must pass it unchanged, or test_run refuses
+    /// it up front (only allowed below the end of the outer IPv4 header).
+    #[track_caller]
+    pub fn expect_truncated(&mut self, prog: &str, frame: &[u8]) {
+        match self.try_run_ctx(prog, frame, None) {
+            Ok((verdict, out)) => {
+                assert_eq!(verdict, TC_ACT_OK, "truncated to {}", frame.len());
+                assert_eq!(out, frame, "truncated to {}: changed", frame.len());
+            }
+            Err(e) => assert!(
+                frame.len() < 34,
+                "test_run refused a {}-byte frame: {e}",
+                frame.len()
+            ),
+        }
+    }
+
+    /// The reason counters, summed over CPUs, indexed by reason.
+    pub fn reasons(&self) -> Vec<u64> {
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).unwrap()).unwrap();
+        (0..reason::COUNT)
+            .map(|i| counters.get(&i, 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    /// The counters of peer slot `slot`, summed over CPUs.
+    pub fn peer_counters(&self, slot: u32) -> PeerCounters {
+        let counters: PerCpuArray<_, PeerCounters> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_PEER_COUNTERS).unwrap()).unwrap();
+        counters
+            .get(&slot, 0)
+            .unwrap()
+            .iter()
+            .fold(PeerCounters::default(), |a, c| a.add(*c))
+    }
+
+    /// Runs `prog` on `frame` and asserts the verdict and which reason counter moved.
+    #[track_caller]
+    pub fn expect(&mut self, what: &str, prog: &str, frame: &[u8], verdict: u32, why: Option<u32>) {
+        self.expect_ctx(what, prog, frame, None, verdict, why);
+    }
+
+    /// [`ProgLab::expect`] with a `ctx_in`; a packet not forwarded must come out
+    /// unchanged.
+    #[track_caller]
+    pub fn expect_ctx(
+        &mut self,
+        what: &str,
+        prog: &str,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
+        verdict: u32,
+        why: Option<u32>,
+    ) {
+        let before = self.reasons();
+        let (got, out) = self
+            .try_run_ctx(prog, frame, ctx)
+            .unwrap_or_else(|e| panic!("{what}: test_run: {e}"));
+        assert_eq!(got, verdict, "{what}: verdict");
+        let after = self.reasons();
+        let moved: Vec<u32> = (0..reason::COUNT)
+            .filter(|&i| after[i as usize] != before[i as usize])
+            .collect();
+        let expected: Vec<u32> = why.into_iter().collect();
+        assert_eq!(
+            moved,
+            expected,
+            "{what}: reason counters moved: {:?}",
+            moved
+                .iter()
+                .map(|i| reason::NAMES[*i as usize])
+                .collect::<Vec<_>>()
+        );
+        if verdict != TC_ACT_REDIRECT {
+            assert_eq!(
+                out, frame,
+                "{what}: a packet not forwarded must be unchanged"
+            );
+        }
+    }
+}
