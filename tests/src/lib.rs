@@ -824,6 +824,17 @@ impl OverlayHost {
     pub fn flanneld_with_env(&self, etcd: &Etcd, extra: &[&str], env: &[(&str, &Path)]) -> Child {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let mut cmd = self.ns.command(flanneld_bin());
+        self.flanneld_args(&mut cmd, etcd, extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let n = RUN.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("flanneld-{n}.log"));
+        Child::spawn_logged("flanneld", cmd, &log)
+    }
+
+    /// The flags and environment every flanneld of this host gets, then `extra`.
+    fn flanneld_args(&self, cmd: &mut Command, etcd: &Etcd, extra: &[&str]) {
         cmd.arg(format!("--etcd-endpoints={}", etcd.endpoint()))
             .arg("--iface=eth0")
             .arg(format!("--subnet-file={}", self.subnet_file().display()))
@@ -832,12 +843,29 @@ impl OverlayHost {
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let n = RUN.fetch_add(1, Ordering::Relaxed);
-        let log = self.dir.join(format!("flanneld-{n}.log"));
-        Child::spawn_logged("flanneld", cmd, &log)
+    }
+
+    /// (tx, rx) packets `flanneld status` reports for the peer with `subnet`.
+    pub fn peer_packets(&self, subnet: &str) -> Option<(u64, u64)> {
+        let st = self.status();
+        let peer = st["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["subnet"] == subnet)?
+            .clone();
+        Some((peer["tx_packets"].as_u64()?, peer["rx_packets"].as_u64()?))
+    }
+
+    /// The packets `flanneld status` counts for the fast path's verdict `action`
+    /// (`drop`, `pass`, ...) with `reason`; 0 when not listed.
+    pub fn verdict_packets(&self, action: &str, reason: &str) -> u64 {
+        self.status()["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["action"] == action && v["reason"] == reason)
+            .and_then(|v| v["packets"].as_u64())
+            .unwrap_or(0)
     }
 
     /// GETs `path` from flanneld's health server on 127.0.0.1:`port` inside the host.
@@ -950,16 +978,8 @@ impl OverlayHost {
         static RUN: AtomicU32 = AtomicU32::new(0);
         let (program, rest) = wrapper.split_first().expect("a wrapper program");
         let mut cmd = self.ns.command(program);
-        cmd.args(rest)
-            .arg(flanneld_bin())
-            .arg(format!("--etcd-endpoints={}", etcd.endpoint()))
-            .arg("--iface=eth0")
-            .arg(format!("--subnet-file={}", self.subnet_file().display()))
-            .arg(format!("--state-dir={}", self.state_dir().display()))
-            .arg(format!("--bpf-pin-dir={}", self.pin_dir().display()))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET");
+        cmd.args(rest).arg(flanneld_bin());
+        self.flanneld_args(&mut cmd, etcd, extra);
         let n = RUN.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.join(format!("flanneld-wrapped-{n}.log"));
         Child::spawn_logged("flanneld", cmd, &log)
@@ -1014,6 +1034,58 @@ impl OverlayCluster {
             _tmp: tmp,
         })
     }
+}
+
+impl OverlayCluster {
+    /// Makes `host` a Go flanneld node by hand: its lease for `subnet` in Go's JSON,
+    /// byte for byte, with VtepMAC `mac`, and its kernel device
+    /// ([`OverlayHost::go_flannel_device`]).
+    pub fn go_flannel_node(&self, host: &OverlayHost, subnet: &str, mac: &str) {
+        self.put_go_vxlan_lease(host.ip, subnet, mac);
+        host.go_flannel_device(subnet, mac);
+    }
+
+    /// Writes a vxlan lease for `subnet` as Go flanneld does, with PublicIP `public`
+    /// and VtepMAC `mac`.
+    pub fn put_go_vxlan_lease(&self, public: Ipv4Addr, subnet: &str, mac: &str) {
+        self.etcd.put(
+            &lease_key(subnet),
+            &format!(
+                r#"{{"PublicIP":"{public}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+            ),
+        );
+    }
+
+    /// Starts flanneld on hosts 0 and 1 with `extra_a` and `extra_b` (both spawned before
+    /// either is waited for), waits for both to be ready, and returns each with its
+    /// leased subnet.
+    pub fn start_two(
+        &self,
+        extra_a: &[&str],
+        extra_b: &[&str],
+    ) -> ((Child, String), (Child, String)) {
+        let (a, b) = (&self.hosts[0], &self.hosts[1]);
+        let mut fa = a.flanneld(&self.etcd, extra_a);
+        let mut fb = b.flanneld(&self.etcd, extra_b);
+        fa.expect_log("flanneld is ready", FLANNELD_READY);
+        fb.expect_log("flanneld is ready", FLANNELD_READY);
+        let (sa, sb) = (
+            a.leased_subnet(FLANNELD_READY),
+            b.leased_subnet(FLANNELD_READY),
+        );
+        ((fa, sa), (fb, sb))
+    }
+}
+
+/// How long flanneld may take to report ready (and to lease a subnet).
+pub const FLANNELD_READY: Duration = Duration::from_secs(30);
+
+/// True when the BPF object is built into flanneld; otherwise skips (or fails under CI).
+pub fn require_ebpf(test: &str) -> bool {
+    if flannel_agent::dataplane::ebpf_object().is_ok() {
+        return true;
+    }
+    skip(test, "the BPF object is not built (cargo xtask build-ebpf)")
 }
 
 impl Drop for OverlayHost {

@@ -6,21 +6,14 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use flannel_tests::{
-    Child, Container, NetNs, OverlayCluster, OverlayHost, lease_key, require_binary,
-    vtep_mac_in_lease, wait_until,
+    Child, Container, NetNs, OverlayCluster, OverlayHost, lease_key,
+    packet::{Ip, icmp, vxlan_payload},
+    require_binary, require_ebpf, vtep_mac_in_lease, wait_until,
 };
 
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const READY: Duration = Duration::from_secs(30);
 const EBPF: &[&str] = &["--dataplane=ebpf"];
-
-/// Skips (or fails under CI) when the BPF object is not built into flanneld.
-fn require_ebpf(test: &str) -> bool {
-    if flannel_agent::dataplane::ebpf_object().is_ok() {
-        return true;
-    }
-    flannel_tests::skip(test, "the BPF object is not built (cargo xtask build-ebpf)")
-}
 
 fn start(host: &OverlayHost, c: &OverlayCluster) -> (Child, String) {
     let mut f = host.flanneld(
@@ -35,28 +28,6 @@ fn start(host: &OverlayHost, c: &OverlayCluster) -> (Child, String) {
     );
     let subnet = host.leased_subnet(READY);
     (f, subnet)
-}
-
-/// The counters `flanneld status` reports for the peer with `subnet`.
-fn peer_counters(host: &OverlayHost, subnet: &str) -> Option<(u64, u64)> {
-    let st = host.status();
-    let peer = st["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| p["subnet"] == subnet)?
-        .clone();
-    Some((peer["tx_packets"].as_u64()?, peer["rx_packets"].as_u64()?))
-}
-
-fn verdict(host: &OverlayHost, action: &str, reason: &str) -> u64 {
-    let st = host.status();
-    st["verdicts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["action"] == action && v["reason"] == reason)
-        .and_then(|v| v["packets"].as_u64())
-        .unwrap_or(0)
 }
 
 fn lists_peer(host: &OverlayHost, subnet: &str) -> bool {
@@ -79,14 +50,7 @@ fn ebpf_node_interoperates_with_a_go_flannel_kernel_peer() {
     // B is Go flanneld's kernel state, configured by hand, with its lease in Go's JSON.
     let b_subnet = "10.5.200.0/24";
     let b_mac = "0e:6b:1a:2c:3d:4e";
-    c.etcd.put(
-        &lease_key(b_subnet),
-        &format!(
-            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{b_mac}"}}}}"#,
-            b.ip
-        ),
-    );
-    b.go_flannel_device(b_subnet, b_mac);
+    c.go_flannel_node(b, b_subnet, b_mac);
     let (_fa, a_subnet) = start(a, &c);
     let a_mac = vtep_mac_in_lease(&c.etcd, &a_subnet);
     b.go_flannel_peer(&a_subnet, &a_mac, &a.ip.to_string());
@@ -97,7 +61,8 @@ fn ebpf_node_interoperates_with_a_go_flannel_kernel_peer() {
     assert!(cb.can_ping(ca.ip, Duration::from_secs(15)), "B→A ping");
     // Counters are published every 2 s.
     let (tx0, rx0) = wait_until(Duration::from_secs(10), || {
-        peer_counters(a, b_subnet).filter(|&(tx, rx)| tx > 0 && rx > 0)
+        a.peer_packets(b_subnet)
+            .filter(|&(tx, rx)| tx > 0 && rx > 0)
     })
     .unwrap_or_else(|| panic!("the eBPF path carried no ping: {}", a.status()));
 
@@ -108,7 +73,8 @@ fn ebpf_node_interoperates_with_a_go_flannel_kernel_peer() {
     cb.tcp_transfer(&ca, false);
     // 2 MB each way is hundreds of packets even when GSO-sized.
     let moved = wait_until(Duration::from_secs(10), || {
-        peer_counters(a, b_subnet).filter(|&(tx, rx)| tx > tx0 + 100 && rx > rx0)
+        a.peer_packets(b_subnet)
+            .filter(|&(tx, rx)| tx > tx0 + 100 && rx > rx0)
     });
     assert!(
         moved.is_some(),
@@ -260,33 +226,14 @@ fn sigkill_and_restart_under_load_keep_the_transfer_subnet_and_mac() {
     );
 }
 
-/// A VXLAN frame from `outer_src` carrying an ICMP echo from `inner_src` to `inner_dst`.
+/// A VXLAN payload carrying an ICMP echo from `inner_src` to `inner_dst` to `dst_mac`.
 fn crafted_vxlan(inner_src: Ipv4Addr, inner_dst: Ipv4Addr, dst_mac: [u8; 6]) -> Vec<u8> {
-    let mut f = vec![0x08, 0, 0, 0, 0, 0, 1, 0]; // VXLAN: I flag, VNI 1
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0x66, 0x66, 0x08, 0x00]);
-    let mut ip = vec![0x45, 0, 0, 28, 0, 1, 0, 0, 64, 1, 0, 0];
-    ip.extend_from_slice(&inner_src.octets());
-    ip.extend_from_slice(&inner_dst.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
-    let sum = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&icmp);
-    f
-}
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut s: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
+    let ip = Ip {
+        id: 1,
+        frag: 0,
+        ..Ip::new(inner_src, inner_dst, 1)
+    };
+    vxlan_payload(1, dst_mac, [0x02, 0, 0, 0, 0x66, 0x66], &ip.bytes(&icmp(0)))
 }
 
 #[test]
@@ -323,7 +270,7 @@ fn spoofed_vxlan_from_a_non_peer_is_dropped_and_counted() {
         Child::spawn("tcpdump", cmd)
     };
     capture.expect_log("listening on", Duration::from_secs(10));
-    let before = verdict(a, "drop", "unknown source");
+    let before = a.verdict_packets("drop", "unknown source");
     let frame = crafted_vxlan(Ipv4Addr::new(10, 5, 250, 9), ca.ip, mac.try_into().unwrap());
     let hex: String = frame.iter().map(|b| format!("\\x{b:02x}")).collect();
     for _ in 0..5 {
@@ -334,7 +281,7 @@ fn spoofed_vxlan_from_a_non_peer_is_dropped_and_counted() {
         ]);
     }
     let counted = wait_until(Duration::from_secs(10), || {
-        (verdict(a, "drop", "unknown source") >= before + 5).then_some(())
+        (a.verdict_packets("drop", "unknown source") >= before + 5).then_some(())
     });
     assert!(
         counted.is_some(),
@@ -360,17 +307,13 @@ fn udp_backend_ebpf_node_and_tun_node_exchange_traffic() {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
-    let mut fa = a.flanneld(&c.etcd, &["--dataplane=auto"]);
-    let mut fb = b.flanneld(&c.etcd, &["--dataplane=tun"]);
-    fa.expect_log("flanneld is ready", READY);
-    fb.expect_log("flanneld is ready", READY);
+    let ((fa, sa), (fb, sb)) = c.start_two(&["--dataplane=auto"], &["--dataplane=tun"]);
     assert!(
         fa.log().contains("dataplane=ebpf"),
         "auto did not pick eBPF for udp:\n{}",
         fa.log()
     );
     assert!(fb.log().contains("dataplane=tun"), "{}", fb.log());
-    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
     let env = std::fs::read_to_string(a.subnet_file()).unwrap();
     assert!(env.contains("FLANNEL_MTU=1472"), "{env}");
 
@@ -382,7 +325,7 @@ fn udp_backend_ebpf_node_and_tun_node_exchange_traffic() {
     ca.tcp_transfer(&cb, false);
     ca.tcp_transfer(&cb, true);
     let moved = wait_until(Duration::from_secs(10), || {
-        peer_counters(a, &sb).filter(|&(tx, rx)| tx > 100 && rx > 100)
+        a.peer_packets(&sb).filter(|&(tx, rx)| tx > 100 && rx > 100)
     });
     assert!(
         moved.is_some(),

@@ -30,11 +30,7 @@ fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
-    let mut fa = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    let mut fb = b.flanneld(&c.etcd, &[]);
-    fa.expect_log("flanneld is ready", READY);
-    fb.expect_log("flanneld is ready", READY);
-    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+    let ((mut fa, sa), (_fb, sb)) = c.start_two(&["--dataplane=kernel"], &[]);
     let env = std::fs::read_to_string(a.subnet_file()).unwrap();
     assert!(env.contains("FLANNEL_MTU=1500"), "{env}");
     let lease = c.etcd.get(&lease_key(&sa)).unwrap();
@@ -132,11 +128,7 @@ fn direct_routing_uses_plain_routes_for_on_link_peers() {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
-    let mut fa = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    let mut fb = b.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    fa.expect_log("flanneld is ready", READY);
-    fb.expect_log("flanneld is ready", READY);
-    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+    let ((_fa, sa), (_fb, sb)) = c.start_two(&["--dataplane=kernel"], &["--dataplane=kernel"]);
 
     wait_route(&a.ns, &format!("{sb} via {} dev eth0", b.ip), CONVERGE);
     wait_route(&b.ns, &format!("{sa} via {} dev eth0", a.ip), CONVERGE);

@@ -163,14 +163,7 @@ fn interop_with_a_go_flannel_shaped_kernel_peer() {
     // Host B: a Go flanneld's lease, byte for byte, and its kernel state.
     let b_subnet = "10.5.200.0/24";
     let b_mac = "0e:6b:1a:2c:3d:4e";
-    c.etcd.put(
-        &lease_key(b_subnet),
-        &format!(
-            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{b_mac}"}}}}"#,
-            b.ip
-        ),
-    );
-    b.go_flannel_device(b_subnet, b_mac);
+    c.go_flannel_node(b, b_subnet, b_mac);
 
     let mut f = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
     f.expect_log("flanneld is ready", READY);
@@ -248,11 +241,7 @@ fn deleted_device_is_recreated_with_peers_replayed() {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
-    let mut fa = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    let mut fb = b.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    fa.expect_log("flanneld is ready", READY);
-    fb.expect_log("flanneld is ready", READY);
-    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+    let ((fa, sa), (_fb, sb)) = c.start_two(&["--dataplane=kernel"], &["--dataplane=kernel"]);
     let (ma, mb) = (state_mac(a), state_mac(b));
     wait_for(
         "A sees B",
@@ -290,11 +279,7 @@ fn deleted_peer_loses_its_entries_and_comes_back_with_a_new_mac() {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
-    let mut fa = a.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    let mut fb = b.flanneld(&c.etcd, &["--dataplane=kernel"]);
-    fa.expect_log("flanneld is ready", READY);
-    fb.expect_log("flanneld is ready", READY);
-    let (sa, sb) = (a.leased_subnet(READY), b.leased_subnet(READY));
+    let ((_fa, sa), (mut fb, sb)) = c.start_two(&["--dataplane=kernel"], &["--dataplane=kernel"]);
     let mb = state_mac(b);
     wait_for(
         "A sees B",

@@ -6,8 +6,9 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use flannel_tests::{
-    Child, Container, NetNs, OverlayCluster, OverlayHost, host_addr, lease_key, require_binary,
-    vtep_mac_in_lease, wait_until,
+    Child, Container, NetNs, OverlayCluster, OverlayHost, host_addr, lease_key,
+    packet::{Ip, hex, parse_mac, udp, vxlan_payload},
+    require_binary, require_ebpf, vtep_mac_in_lease, wait_until,
 };
 
 const UDP: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
@@ -34,27 +35,6 @@ fn start(
         f.log()
     );
     (f, host.leased_subnet(READY))
-}
-
-/// (tx, rx) packets `flanneld status` reports for the peer with `subnet`.
-fn peer_counters(host: &OverlayHost, subnet: &str) -> Option<(u64, u64)> {
-    let st = host.status();
-    let peer = st["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| p["subnet"] == subnet)?
-        .clone();
-    Some((peer["tx_packets"].as_u64()?, peer["rx_packets"].as_u64()?))
-}
-
-fn drops(host: &OverlayHost, reason: &str) -> u64 {
-    host.status()["verdicts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["action"] == "drop" && v["reason"] == reason)
-        .and_then(|v| v["packets"].as_u64())
-        .unwrap_or(0)
 }
 
 /// Ping both ways and a 2 MB TCP transfer each way between `a` and `b`.
@@ -126,7 +106,7 @@ fn udp_backend_between_two_tun_nodes() {
     );
 
     let (tx, rx) = wait_until(Duration::from_secs(10), || {
-        peer_counters(a, &sb).filter(|&(tx, rx)| tx > 100 && rx > 100)
+        a.peer_packets(&sb).filter(|&(tx, rx)| tx > 100 && rx > 100)
     })
     .unwrap_or_else(|| panic!("TUN counters did not move: {}", a.status()));
     assert!(tx > 0 && rx > 0);
@@ -140,8 +120,7 @@ fn vxlan_tun_node_with_ebpf_and_go_flannel_kernel_peers() {
     if !require_binary("iperf3", test) {
         return;
     }
-    if !has_ebpf() {
-        flannel_tests::skip(test, "the BPF object is not built (cargo xtask build-ebpf)");
+    if !require_ebpf(test) {
         return;
     }
     let Some(c) = OverlayCluster::new(test, 3, VXLAN) else {
@@ -152,14 +131,7 @@ fn vxlan_tun_node_with_ebpf_and_go_flannel_kernel_peers() {
     // K is Go flanneld's kernel state by hand, its lease in Go's JSON.
     let k_subnet = "10.5.200.0/24";
     let k_mac = "0e:6b:1a:2c:3d:4e";
-    c.etcd.put(
-        &lease_key(k_subnet),
-        &format!(
-            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{k_mac}"}}}}"#,
-            k.ip
-        ),
-    );
-    k.go_flannel_device(k_subnet, k_mac);
+    c.go_flannel_node(k, k_subnet, k_mac);
     let (_ft, ts) = start(t, &c, &["--dataplane=tun"], "tun");
     let (_fe, es) = start(e, &c, &["--dataplane=ebpf"], "ebpf");
     for (h, s) in [(t, &ts), (e, &es)] {
@@ -181,12 +153,13 @@ fn vxlan_tun_node_with_ebpf_and_go_flannel_kernel_peers() {
 
     for peer in [&es, &k_subnet.to_owned()] {
         let moved = wait_until(Duration::from_secs(10), || {
-            peer_counters(t, peer).filter(|&(tx, rx)| tx > 100 && rx > 100)
+            t.peer_packets(peer)
+                .filter(|&(tx, rx)| tx > 100 && rx > 100)
         });
         assert!(moved.is_some(), "TUN counters for {peer}: {}", t.status());
     }
     assert_eq!(
-        drops(t, "other mac") + drops(t, "other vni"),
+        t.verdict_packets("drop", "other mac") + t.verdict_packets("drop", "other vni"),
         0,
         "{}",
         t.status()
@@ -265,50 +238,19 @@ fn send_datagrams(
     );
 }
 
-fn csum(b: &[u8]) -> u16 {
-    let mut s: u32 = b
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
 /// An IPv4/UDP packet to port 9999 carrying `marker`.
 fn inner_udp(src: Ipv4Addr, dst: Ipv4Addr, marker: &str) -> Vec<u8> {
-    let payload = marker.as_bytes();
-    let total = 28 + payload.len();
-    let mut p = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0];
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = csum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(&40000u16.to_be_bytes());
-    p.extend_from_slice(&9999u16.to_be_bytes());
-    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]); // no UDP checksum
-    p.extend_from_slice(payload);
-    p
+    let ip = Ip {
+        id: 1,
+        frag: 0,
+        ..Ip::new(src, dst, 17)
+    };
+    ip.bytes(&udp(40000, 9999, marker.as_bytes()))
 }
 
+/// A VXLAN payload for `vni` to `dst_mac` from a fixed source MAC, carrying `inner`.
 fn vxlan(vni: u32, dst_mac: &str, inner: &[u8]) -> Vec<u8> {
-    let mut d = vec![0x08, 0, 0, 0];
-    d.extend_from_slice(&(vni << 8).to_be_bytes());
-    let mac: Vec<u8> = dst_mac
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    d.extend_from_slice(&mac);
-    d.extend_from_slice(&[0x0e, 0, 0, 0, 0, 9, 0x08, 0x00]);
-    d.extend_from_slice(inner);
-    d
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    vxlan_payload(vni, parse_mac(dst_mac), [0x0e, 0, 0, 0, 0, 9], inner)
 }
 
 #[test]
@@ -323,12 +265,7 @@ fn bad_datagrams_are_dropped_counted_and_never_delivered() {
     // Host 1 is a peer by lease only: datagrams from its address are "from a peer".
     let peer_subnet = "10.5.77.0/24";
     let peer_ip = c.hosts[1].ip;
-    c.etcd.put(
-        &lease_key(peer_subnet),
-        &format!(
-            r#"{{"PublicIP":"{peer_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:00:00:00:00:09"}}}}"#
-        ),
-    );
+    c.put_go_vxlan_lease(peer_ip, peer_subnet, "0e:00:00:00:00:09");
     // A stranger on the same underlay.
     let stranger = NetNs::new("st");
     let stranger_ip = c.underlay.attach(&stranger, "eth0");
@@ -427,7 +364,7 @@ fn bad_datagrams_are_dropped_counted_and_never_delivered() {
     ];
     let counted = wait_until(Duration::from_secs(10), || {
         want.iter()
-            .all(|&(reason, n)| drops(a, reason) >= n)
+            .all(|&(reason, n)| a.verdict_packets("drop", reason) >= n)
             .then_some(())
     });
     assert!(
@@ -435,7 +372,7 @@ fn bad_datagrams_are_dropped_counted_and_never_delivered() {
         "drops not counted as expected {want:?}: {}",
         a.status()
     );
-    let rx = peer_counters(a, peer_subnet).map(|(_, rx)| rx);
+    let rx = a.peer_packets(peer_subnet).map(|(_, rx)| rx);
     assert_eq!(
         rx,
         Some(1),
