@@ -98,6 +98,27 @@ pub fn mac_of(ns: &NetNs, ifname: &str) -> [u8; 6] {
     parse_mac(addr)
 }
 
+/// Adds `flannel.1` in `ns` as flannel's vxlan backend makes it (VNI 1, port 8472,
+/// `nolearning`, `local` the underlay address `local` on `eth0`), still down.
+pub fn add_flannel_vxlan(ns: &NetNs, local: Ipv4Addr) {
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "nolearning",
+        "local",
+        &local.to_string(),
+        "dev",
+        "eth0",
+    ]);
+}
+
 /// A private bpf filesystem on a temporary directory, unmounted on drop (which also
 /// releases whatever is still pinned there).
 pub struct PrivateBpffs {

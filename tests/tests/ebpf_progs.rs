@@ -25,7 +25,8 @@ use flannel_tests::{
     NetNs,
     bpf::{
         InNetns, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        counters_for, ifindex, in_netns, ping, reason_count, skb_ctx_with_gso, tcp_transfer,
+        add_flannel_vxlan, counters_for, ifindex, in_netns, ping, reason_count, skb_ctx_with_gso,
+        tcp_transfer,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp, vxlan_hdr},
     require_root, skip,
@@ -581,24 +582,8 @@ impl Host {
         let public_ip = ul.attach(&ns, "eth0");
         let container = NetNs::new(&format!("{name}c"));
         let subnet: Ipv4Net = format!("10.244.{third}.0/24").parse().unwrap();
-        let ip = public_ip.to_string();
         // flannel's vxlan backend: device, MAC before up, MTU - 50, .0/32 address.
-        ns.ip(&[
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "dstport",
-            "8472",
-            "nolearning",
-            "local",
-            &ip,
-            "dev",
-            "eth0",
-        ]);
+        add_flannel_vxlan(&ns, public_ip);
         ns.ip(&[
             "link",
             "set",
@@ -956,22 +941,7 @@ fn probe_and_pinned_layouts() {
     // stale (its device is gone); a new attach replaces it on the new device.
     drop(fp);
     a.ns.ip(&["link", "del", "flannel.1"]);
-    a.ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "dstport",
-        "8472",
-        "nolearning",
-        "local",
-        &a.public_ip.to_string(),
-        "dev",
-        "eth0",
-    ]);
+    add_flannel_vxlan(&a.ns, a.public_ip);
     a.ns.ip(&["link", "set", "flannel.1", "up"]);
     let fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("re-attach");
     assert_eq!(

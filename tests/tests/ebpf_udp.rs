@@ -34,8 +34,9 @@ use flannel_common::{
 use flannel_tests::{
     NetNs,
     bpf::{
-        NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, counters_for,
-        ifindex, in_netns, nonzero_reasons, ping, reason_count, skb_ctx_with_gso, tcp_transfer,
+        NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        add_flannel_vxlan, counters_for, ifindex, in_netns, nonzero_reasons, ping, reason_count,
+        skb_ctx_with_gso, tcp_transfer,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp},
     require_root, skip,
@@ -1123,23 +1124,7 @@ fn vxlan_host(ul: &mut flannel_tests::Underlay, name: &str, third: u8, mac: &str
     let ns = NetNs::new(name);
     let public_ip = ul.attach(&ns, "eth0");
     let container = NetNs::new(&format!("{name}c"));
-    let ip = public_ip.to_string();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "dstport",
-        "8472",
-        "nolearning",
-        "local",
-        &ip,
-        "dev",
-        "eth0",
-    ]);
+    add_flannel_vxlan(&ns, public_ip);
     ns.ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450"]);
     ns.ip(&[
         "addr",
@@ -1410,22 +1395,7 @@ fn udp_pins_layouts_and_a_recreated_tun() {
 
     // The vxlan fast path in the same pin directory (on another host).
     const MAC_B: &str = "02:fb:00:00:00:0b";
-    b.ns.ip(&[
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "dstport",
-        "8472",
-        "nolearning",
-        "local",
-        &b.public_ip.to_string(),
-        "dev",
-        "eth0",
-    ]);
+    add_flannel_vxlan(&b.ns, b.public_ip);
     b.ns.ip(&["link", "set", "flannel.1", "address", MAC_B, "up"]);
     let fv = attach_vxlan(&b, MAC_B, pin_dir.clone());
     assert!(pin_dir.join("links").join("encap").exists());
