@@ -212,6 +212,23 @@ pub fn tcp_transfer(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs, bytes: 
     srv.join().expect("server")
 }
 
+/// Sends `n` bytes over TCP from `a` to `b` (listening on `b_ip`), then from `b` to `a`
+/// (listening on `a_ip`), asserting that each arrives whole.
+#[track_caller]
+pub fn tcp_both_ways(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_ip: Ipv4Addr, n: usize) {
+    assert_eq!(tcp_transfer(b, b_ip, a, n), n);
+    assert_eq!(tcp_transfer(a, a_ip, b, n), n);
+}
+
+/// True when running as root with the BPF object built; otherwise skips (or fails under
+/// CI) with one reason for both.
+pub fn require_root_and_bpf(test: &str) -> bool {
+    if !require_root(test) || flannel_agent::dataplane::ebpf_object().is_err() {
+        return skip(test, "requires root and a built BPF object");
+    }
+    true
+}
+
 /// A `struct __sk_buff` for `ctx_in` with only `gso_size` and `gso_segs` set.
 pub fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
     // uapi/linux/bpf.h: sizeof(struct __sk_buff) == 192, gso_segs at 164, gso_size at 176.

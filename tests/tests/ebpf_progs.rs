@@ -25,11 +25,10 @@ use flannel_tests::{
     NetNs,
     bpf::{
         InNetns, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        add_flannel_vxlan, counters_for, ifindex, in_netns, ping, reason_count, skb_ctx_with_gso,
-        tcp_transfer,
+        add_flannel_vxlan, counters_for, ifindex, in_netns, ping, reason_count,
+        require_root_and_bpf, skb_ctx_with_gso, tcp_both_ways,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp, vxlan_hdr},
-    require_root, skip,
 };
 
 const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
@@ -697,8 +696,7 @@ impl Host {
 #[test]
 fn interop_with_kernel_flannel_and_restart() {
     const TEST: &str = "interop_with_kernel_flannel_and_restart";
-    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
-        skip(TEST, "requires root and a built BPF object");
+    if !require_root_and_bpf(TEST) {
         return;
     }
     let bpffs = PrivateBpffs::mount();
@@ -729,13 +727,12 @@ fn interop_with_kernel_flannel_and_restart() {
     // TCP both ways (B's kernel sends GSO aggregates that A's decap leaves to the kernel;
     // A's encap carries its GSO packets itself).
     let n = 8 << 20;
-    assert_eq!(
-        tcp_transfer(&b.container, b.container_ip(), &a.container, n),
-        n
-    );
-    assert_eq!(
-        tcp_transfer(&a.container, a.container_ip(), &b.container, n),
-        n
+    tcp_both_ways(
+        &a.container,
+        a.container_ip(),
+        &b.container,
+        b.container_ip(),
+        n,
     );
     let c2 = counters_for(&fp, b.subnet);
     assert!(
@@ -801,8 +798,7 @@ fn crafted_vxlan(
 #[test]
 fn spoofed_vxlan_is_dropped() {
     const TEST: &str = "spoofed_vxlan_is_dropped";
-    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
-        skip(TEST, "requires root and a built BPF object");
+    if !require_root_and_bpf(TEST) {
         return;
     }
     let bpffs = PrivateBpffs::mount();
@@ -885,8 +881,7 @@ fn spoofed_vxlan_is_dropped() {
 #[test]
 fn probe_and_pinned_layouts() {
     const TEST: &str = "probe_and_pinned_layouts";
-    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
-        skip(TEST, "requires root and a built BPF object");
+    if !require_root_and_bpf(TEST) {
         return;
     }
     flannel_agent::dataplane::probe().expect("this kernel runs the fast path");

@@ -36,10 +36,10 @@ use flannel_tests::{
     bpf::{
         NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         add_flannel_vxlan, counters_for, ifindex, in_netns, nonzero_reasons, ping, reason_count,
-        skb_ctx_with_gso, tcp_transfer,
+        require_root_and_bpf, skb_ctx_with_gso, tcp_both_ways, tcp_transfer,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp},
-    require_root, skip,
+    require_root,
 };
 
 const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 1);
@@ -757,8 +757,7 @@ fn names_of_tcx(ns: &NetNs, ifname: &'static str, attach_type: TcAttachType) -> 
 #[test]
 fn udp_fast_path_on_both_hosts() {
     const TEST: &str = "udp_fast_path_on_both_hosts";
-    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
-        skip(TEST, "requires root and a built BPF object");
+    if !require_root_and_bpf(TEST) {
         return;
     }
     let bpffs = PrivateBpffs::mount();
@@ -800,13 +799,12 @@ fn udp_fast_path_on_both_hosts() {
     ping(&a.ns, b.container_ip(), 1);
 
     let n = 16 << 20;
-    assert_eq!(
-        tcp_transfer(&b.container, b.container_ip(), &a.container, n),
-        n
-    );
-    assert_eq!(
-        tcp_transfer(&a.container, a.container_ip(), &b.container, n),
-        n
+    tcp_both_ways(
+        &a.container,
+        a.container_ip(),
+        &b.container,
+        b.container_ip(),
+        n,
     );
     let c2 = counters_for(&fa, b.subnet);
     assert!(
@@ -980,8 +978,7 @@ fn crafted_udp(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 #[test]
 fn udp_fast_path_against_a_userspace_flannel_peer() {
     const TEST: &str = "udp_fast_path_against_a_userspace_flannel_peer";
-    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
-        skip(TEST, "requires root and a built BPF object");
+    if !require_root_and_bpf(TEST) {
         return;
     }
     let bpffs = PrivateBpffs::mount();
@@ -1013,13 +1010,12 @@ fn udp_fast_path_against_a_userspace_flannel_peer() {
     );
 
     let n = 4 << 20;
-    assert_eq!(
-        tcp_transfer(&b.container, b.container_ip(), &a.container, n),
-        n
-    );
-    assert_eq!(
-        tcp_transfer(&a.container, a.container_ip(), &b.container, n),
-        n
+    tcp_both_ways(
+        &a.container,
+        a.container_ip(),
+        &b.container,
+        b.container_ip(),
+        n,
     );
     let c2 = counters_for(&fa, b.subnet);
     assert!(
@@ -1325,8 +1321,7 @@ fn tcx_here(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
 #[test]
 fn udp_pins_layouts_and_a_recreated_tun() {
     const TEST: &str = "udp_pins_layouts_and_a_recreated_tun";
-    if !require_root(TEST) || flannel_agent::dataplane::ebpf_object().is_err() {
-        skip(TEST, "requires root and a built BPF object");
+    if !require_root_and_bpf(TEST) {
         return;
     }
     UdpFastPath::probe().expect("this kernel runs the udp fast path");
