@@ -524,3 +524,48 @@ impl ProgLab {
         }
     }
 }
+
+/// The decap checks the vxlan and the udp fast path share, on frames from a known peer:
+/// a spoofed inner source is dropped, also inside a GSO aggregate (anti-spoofing runs
+/// before the GSO hand-off); a valid GSO aggregate goes to the kernel; an inner
+/// destination outside our subnet is not ours to deliver.
+#[track_caller]
+pub fn expect_decap_inner_checks(
+    lab: &mut ProgLab,
+    prog: &str,
+    good: &[u8],
+    spoofed_inner: &[u8],
+    not_local: &[u8],
+) {
+    lab.expect(
+        "spoofed inner source",
+        prog,
+        spoofed_inner,
+        TC_ACT_SHOT,
+        Some(reason::DROP_INNER_SOURCE),
+    );
+    let gso = skb_ctx_with_gso(1400, 2);
+    lab.expect_ctx(
+        "GSO aggregate",
+        prog,
+        good,
+        Some(&gso),
+        TC_ACT_OK,
+        Some(reason::PASS_GSO),
+    );
+    lab.expect_ctx(
+        "spoofed inner source in a GSO aggregate",
+        prog,
+        spoofed_inner,
+        Some(&gso),
+        TC_ACT_SHOT,
+        Some(reason::DROP_INNER_SOURCE),
+    );
+    lab.expect(
+        "inner destination outside our subnet",
+        prog,
+        not_local,
+        TC_ACT_OK,
+        Some(reason::PASS_NOT_LOCAL),
+    );
+}

@@ -35,8 +35,8 @@ use flannel_tests::{
     NetNs,
     bpf::{
         NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        add_flannel_vxlan, counters_for, ifindex, in_netns, nonzero_reasons, ping, reason_count,
-        require_root_and_bpf, skb_ctx_with_gso, tcp_both_ways, tcp_transfer,
+        add_flannel_vxlan, counters_for, expect_decap_inner_checks, ifindex, in_netns,
+        nonzero_reasons, ping, reason_count, require_root_and_bpf, tcp_both_ways, tcp_transfer,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp},
     require_root,
@@ -504,39 +504,9 @@ fn decap_verdicts() {
         Some(reason::DROP_UNKNOWN_SOURCE),
     );
     let (spoofed_inner, _) = from_b(Ipv4Addr::new(10, 244, 3, 4), POD_A);
-    lab.expect(
-        "spoofed inner source",
-        PROG_UDP_DECAP,
-        &spoofed_inner,
-        TC_ACT_SHOT,
-        Some(reason::DROP_INNER_SOURCE),
-    );
-    let gso = skb_ctx_with_gso(1400, 2);
-    lab.expect_ctx(
-        "GSO aggregate",
-        PROG_UDP_DECAP,
-        &good,
-        Some(&gso),
-        TC_ACT_OK,
-        Some(reason::PASS_GSO),
-    );
-    lab.expect_ctx(
-        "spoofed inner source in a GSO aggregate",
-        PROG_UDP_DECAP,
-        &spoofed_inner,
-        Some(&gso),
-        TC_ACT_SHOT,
-        Some(reason::DROP_INNER_SOURCE),
-    );
-
+    // Valid peer, but not for us to deliver.
     let (not_local, _) = from_b(POD_B, Ipv4Addr::new(10, 244, 5, 5));
-    lab.expect(
-        "inner destination outside our subnet",
-        PROG_UDP_DECAP,
-        &not_local,
-        TC_ACT_OK,
-        Some(reason::PASS_NOT_LOCAL),
-    );
+    expect_decap_inner_checks(&mut lab, PROG_UDP_DECAP, &good, &spoofed_inner, &not_local);
     let mut inner_v6 = good.clone();
     inner_v6[42] = 0x60;
     lab.expect(
