@@ -441,8 +441,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "iperf3 -t {} -O {}, qperf -t {}; {} repetition(s) per row and offload setting \
-             (median, and min–max when repeated); {}{}.\n",
+            "iperf3 -t {} -O {}, qperf -t {}; {} round(s), each setting every row up afresh \
+             (median of the rounds, and min–max when repeated); {}{}.\n",
             m.durations.iperf3,
             m.durations.iperf3_omit,
             m.durations.qperf,
