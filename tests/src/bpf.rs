@@ -8,6 +8,7 @@ use std::{
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
     path::PathBuf,
+    str::FromStr as _,
     thread::JoinHandle,
     time::Duration,
 };
@@ -17,7 +18,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::SchedClassifier,
 };
-use flannel_agent::dataplane::{Ipv4Net, UdpFastPath, VxlanFastPath};
+use flannel_agent::{
+    dataplane::{FastPathConfig, Ipv4Net, UdpFastPath, VxlanFastPath},
+    mac::MacAddr,
+};
 use flannel_common::{
     MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES,
     maps::{Peer, PeerCounters, PeerSource, reason},
@@ -117,6 +121,114 @@ pub fn add_flannel_vxlan(ns: &NetNs, local: Ipv4Addr) {
         "dev",
         "eth0",
     ]);
+}
+
+/// Sets a host namespace `ns` (underlay `eth0` at `public_ip`) up as flannel's vxlan
+/// backend does for subnet 10.244.`third`.0/24 with VtepMAC `vtep_mac`: `flannel.1`
+/// ([`add_flannel_vxlan`]), its MAC before it comes up, MTU 1450, the `.0/32` address,
+/// forwarding on; and `container` behind a veth (`vc`, .1 on the host, .2 in the
+/// container, MTU 1450, default route via .1).
+pub fn kernel_vxlan_host(
+    ns: &NetNs,
+    public_ip: Ipv4Addr,
+    container: &NetNs,
+    third: u8,
+    vtep_mac: &str,
+) {
+    add_flannel_vxlan(ns, public_ip);
+    ns.ip(&[
+        "link",
+        "set",
+        "flannel.1",
+        "address",
+        vtep_mac,
+        "mtu",
+        "1450",
+    ]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("10.244.{third}.0/32"),
+        "dev",
+        "flannel.1",
+    ]);
+    ns.ip(&["link", "set", "flannel.1", "up"]);
+    ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    crate::veth_pair(
+        ns,
+        "vc",
+        &format!("10.244.{third}.1/24"),
+        container,
+        "eth0",
+        &format!("10.244.{third}.2/24"),
+    );
+    container.ip(&["link", "set", "eth0", "mtu", "1450"]);
+    container.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.244.{third}.1"),
+    ]);
+}
+
+/// What flanneld programs in `ns` for a vxlan peer (`subnet`, `public_ip`, `vtep_mac`):
+/// neighbour, FDB entry, onlink route.
+pub fn add_vxlan_peer(ns: &NetNs, subnet: Ipv4Net, public_ip: Ipv4Addr, vtep_mac: &str) {
+    let gw = subnet.addr().to_string();
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &gw,
+        "lladdr",
+        vtep_mac,
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ]);
+    crate::run_ok(std::process::Command::new("bridge").args([
+        "-n",
+        ns.name(),
+        "fdb",
+        "append",
+        vtep_mac,
+        "dev",
+        "flannel.1",
+        "dst",
+        &public_ip.to_string(),
+    ]));
+    ns.ip(&[
+        "route",
+        "add",
+        &subnet.to_string(),
+        "via",
+        &gw,
+        "dev",
+        "flannel.1",
+        "onlink",
+    ]);
+}
+
+/// The vxlan fast path config for a host set up by [`kernel_vxlan_host`]; call inside
+/// its namespace (it reads the ifindexes there).
+pub fn vxlan_fast_path_config(
+    public_ip: Ipv4Addr,
+    subnet: Ipv4Net,
+    vtep_mac: &str,
+    pin_dir: PathBuf,
+) -> FastPathConfig {
+    FastPathConfig {
+        vxlan_ifindex: ifindex("flannel.1"),
+        underlay_ifindex: ifindex("eth0"),
+        underlay_mtu: 1500,
+        public_ip,
+        vni: 1,
+        port: 8472,
+        vtep_mac: MacAddr::from_str(vtep_mac).unwrap(),
+        subnet,
+        pin_dir,
+    }
 }
 
 /// A private bpf filesystem on a temporary directory, unmounted on drop (which also

@@ -25,8 +25,9 @@ use flannel_tests::{
     NetNs,
     bpf::{
         InNetns, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        add_flannel_vxlan, counters_for, expect_decap_inner_checks, ifindex, in_netns, ping,
-        reason_count, require_root_and_bpf, tcp_both_ways,
+        add_flannel_vxlan, add_vxlan_peer, counters_for, expect_decap_inner_checks, in_netns,
+        kernel_vxlan_host, ping, reason_count, require_root_and_bpf, tcp_both_ways,
+        vxlan_fast_path_config,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp, vxlan_hdr},
 };
@@ -549,43 +550,7 @@ impl Host {
         let public_ip = ul.attach(&ns, "eth0");
         let container = NetNs::new(&format!("{name}c"));
         let subnet: Ipv4Net = format!("10.244.{third}.0/24").parse().unwrap();
-        // flannel's vxlan backend: device, MAC before up, MTU - 50, .0/32 address.
-        add_flannel_vxlan(&ns, public_ip);
-        ns.ip(&[
-            "link",
-            "set",
-            "flannel.1",
-            "address",
-            vtep_mac,
-            "mtu",
-            "1450",
-        ]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("10.244.{third}.0/32"),
-            "dev",
-            "flannel.1",
-        ]);
-        ns.ip(&["link", "set", "flannel.1", "up"]);
-        ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        // The container: a veth into the pod subnet.
-        flannel_tests::veth_pair(
-            &ns,
-            "vc",
-            &format!("10.244.{third}.1/24"),
-            &container,
-            "eth0",
-            &format!("10.244.{third}.2/24"),
-        );
-        container.ip(&["link", "set", "eth0", "mtu", "1450"]);
-        container.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.244.{third}.1"),
-        ]);
+        kernel_vxlan_host(&ns, public_ip, &container, third, vtep_mac);
         Host {
             ns,
             container,
@@ -602,39 +567,7 @@ impl Host {
 
     /// What flanneld programs for a peer: neigh, FDB, onlink route.
     fn add_peer(&self, peer: &Host) {
-        let gw = peer.subnet.addr().to_string();
-        self.ns.ip(&[
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            peer.vtep_mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ]);
-        flannel_tests::run_ok(std::process::Command::new("bridge").args([
-            "-n",
-            self.ns.name(),
-            "fdb",
-            "append",
-            peer.vtep_mac,
-            "dev",
-            "flannel.1",
-            "dst",
-            &peer.public_ip.to_string(),
-        ]));
-        self.ns.ip(&[
-            "route",
-            "add",
-            &peer.subnet.to_string(),
-            "via",
-            &gw,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ]);
+        add_vxlan_peer(&self.ns, peer.subnet, peer.public_ip, peer.vtep_mac);
     }
 
     fn peer_entry(&self) -> flannel_agent::dataplane::PeerEntry {
@@ -647,17 +580,7 @@ impl Host {
 
     /// The fast path config for this host; call inside its namespace.
     fn fast_path_config(&self, pin_dir: std::path::PathBuf) -> FastPathConfig {
-        FastPathConfig {
-            vxlan_ifindex: ifindex("flannel.1"),
-            underlay_ifindex: ifindex("eth0"),
-            underlay_mtu: 1500,
-            public_ip: self.public_ip,
-            vni: 1,
-            port: 8472,
-            vtep_mac: MacAddr::from_str(self.vtep_mac).unwrap(),
-            subnet: self.subnet,
-            pin_dir,
-        }
+        vxlan_fast_path_config(self.public_ip, self.subnet, self.vtep_mac, pin_dir)
     }
 }
 

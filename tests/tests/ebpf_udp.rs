@@ -35,8 +35,9 @@ use flannel_tests::{
     NetNs,
     bpf::{
         NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        add_flannel_vxlan, counters_for, expect_decap_inner_checks, ifindex, in_netns,
-        nonzero_reasons, ping, reason_count, require_root_and_bpf, tcp_both_ways, tcp_transfer,
+        add_flannel_vxlan, add_vxlan_peer, counters_for, expect_decap_inner_checks, ifindex,
+        in_netns, kernel_vxlan_host, nonzero_reasons, ping, reason_count, require_root_and_bpf,
+        tcp_both_ways, tcp_transfer, vxlan_fast_path_config,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp},
     require_root,
@@ -1090,33 +1091,7 @@ fn vxlan_host(ul: &mut flannel_tests::Underlay, name: &str, third: u8, mac: &str
     let ns = NetNs::new(name);
     let public_ip = ul.attach(&ns, "eth0");
     let container = NetNs::new(&format!("{name}c"));
-    add_flannel_vxlan(&ns, public_ip);
-    ns.ip(&["link", "set", "flannel.1", "address", mac, "mtu", "1450"]);
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("10.244.{third}.0/32"),
-        "dev",
-        "flannel.1",
-    ]);
-    ns.ip(&["link", "set", "flannel.1", "up"]);
-    ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    flannel_tests::veth_pair(
-        &ns,
-        "vc",
-        &format!("10.244.{third}.1/24"),
-        &container,
-        "eth0",
-        &format!("10.244.{third}.2/24"),
-    );
-    container.ip(&["link", "set", "eth0", "mtu", "1450"]);
-    container.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("10.244.{third}.1"),
-    ]);
+    kernel_vxlan_host(&ns, public_ip, &container, third, mac);
     Host {
         ns,
         container,
@@ -1127,39 +1102,7 @@ fn vxlan_host(ul: &mut flannel_tests::Underlay, name: &str, third: u8, mac: &str
 }
 
 fn vxlan_peer(h: &Host, peer: &Host, peer_mac: &str) {
-    let gw = peer.subnet.addr().to_string();
-    h.ns.ip(&[
-        "neigh",
-        "replace",
-        &gw,
-        "lladdr",
-        peer_mac,
-        "dev",
-        "flannel.1",
-        "nud",
-        "permanent",
-    ]);
-    flannel_tests::run_ok(std::process::Command::new("bridge").args([
-        "-n",
-        h.ns.name(),
-        "fdb",
-        "append",
-        peer_mac,
-        "dev",
-        "flannel.1",
-        "dst",
-        &peer.public_ip.to_string(),
-    ]));
-    h.ns.ip(&[
-        "route",
-        "add",
-        &peer.subnet.to_string(),
-        "via",
-        &gw,
-        "dev",
-        "flannel.1",
-        "onlink",
-    ]);
+    add_vxlan_peer(&h.ns, peer.subnet, peer.public_ip, peer_mac);
 }
 
 fn attach_vxlan(
@@ -1167,20 +1110,11 @@ fn attach_vxlan(
     mac: &'static str,
     pin_dir: std::path::PathBuf,
 ) -> flannel_agent::dataplane::VxlanFastPath {
-    use std::str::FromStr as _;
     let (public_ip, subnet) = (h.public_ip, h.subnet);
     in_netns(&h.ns, move || {
-        flannel_agent::dataplane::VxlanFastPath::attach(flannel_agent::dataplane::FastPathConfig {
-            vxlan_ifindex: ifindex("flannel.1"),
-            underlay_ifindex: ifindex("eth0"),
-            underlay_mtu: 1500,
-            public_ip,
-            vni: 1,
-            port: 8472,
-            vtep_mac: flannel_agent::mac::MacAddr::from_str(mac).unwrap(),
-            subnet,
-            pin_dir,
-        })
+        flannel_agent::dataplane::VxlanFastPath::attach(vxlan_fast_path_config(
+            public_ip, subnet, mac, pin_dir,
+        ))
     })
     .join()
     .unwrap()
