@@ -154,6 +154,13 @@ pub fn kernel_vxlan_host(
     ]);
     ns.ip(&["link", "set", "flannel.1", "up"]);
     ns.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    add_container(ns, container, third, 1450);
+}
+
+/// Puts `container` behind host `ns` in pod subnet 10.244.`third`.0/24: a veth (`vc`
+/// with .1 on the host, `eth0` with .2 in the container) of MTU `mtu` in the container,
+/// default route via .1.
+pub fn add_container(ns: &NetNs, container: &NetNs, third: u8, mtu: usize) {
     crate::veth_pair(
         ns,
         "vc",
@@ -162,7 +169,7 @@ pub fn kernel_vxlan_host(
         "eth0",
         &format!("10.244.{third}.2/24"),
     );
-    container.ip(&["link", "set", "eth0", "mtu", "1450"]);
+    container.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()]);
     container.ip(&[
         "route",
         "add",

@@ -35,9 +35,9 @@ use flannel_tests::{
     NetNs,
     bpf::{
         NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        add_flannel_vxlan, add_vxlan_peer, counters_for, expect_decap_inner_checks, ifindex,
-        in_netns, kernel_vxlan_host, nonzero_reasons, ping, reason_count, require_root_and_bpf,
-        tcp_both_ways, tcp_transfer, vxlan_fast_path_config,
+        add_container, add_flannel_vxlan, add_vxlan_peer, counters_for, expect_decap_inner_checks,
+        ifindex, in_netns, kernel_vxlan_host, nonzero_reasons, ping, reason_count,
+        require_root_and_bpf, tcp_both_ways, tcp_transfer, vxlan_fast_path_config,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp},
     require_root,
@@ -640,22 +640,7 @@ impl Host {
             "tx-udp_tnl-csum-segmentation",
             "off",
         ]);
-        flannel_tests::veth_pair(
-            &ns,
-            "vc",
-            &format!("10.244.{third}.1/24"),
-            &container,
-            "eth0",
-            &format!("10.244.{third}.2/24"),
-        );
-        container.ip(&["link", "set", "eth0", "mtu", &TUN_MTU.to_string()]);
-        container.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.244.{third}.1"),
-        ]);
+        add_container(&ns, &container, third, TUN_MTU);
         Host {
             ns,
             container,
