@@ -32,16 +32,25 @@ pub enum Row {
     KernelHostgw,
     /// Our flanneld, host-gw backend, `--dataplane ebpf`.
     EbpfHostgw,
+    /// Our flanneld, udp backend, `--dataplane ebpf` (TUN underneath as the fallback).
+    EbpfUdp,
+    /// Our flanneld, udp backend, `--dataplane tun`.
+    TunUdp,
+    /// Our flanneld, vxlan backend, `--dataplane tun`.
+    TunVxlan,
 }
 
 impl Row {
-    pub const ALL: [Row; 6] = [
+    pub const ALL: [Row; 9] = [
         Row::Native,
         Row::KernelVxlan,
         Row::FlanneldKernelVxlan,
         Row::EbpfVxlan,
         Row::KernelHostgw,
         Row::EbpfHostgw,
+        Row::EbpfUdp,
+        Row::TunUdp,
+        Row::TunVxlan,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +61,9 @@ impl Row {
             Row::EbpfVxlan => "ebpf-vxlan",
             Row::KernelHostgw => "kernel-hostgw",
             Row::EbpfHostgw => "ebpf-hostgw",
+            Row::EbpfUdp => "ebpf-udp",
+            Row::TunUdp => "tun-udp",
+            Row::TunVxlan => "tun-vxlan",
         }
     }
 
@@ -63,6 +75,9 @@ impl Row {
             Row::EbpfVxlan => Some(("vxlan", "ebpf")),
             Row::KernelHostgw => Some(("host-gw", "kernel")),
             Row::EbpfHostgw => Some(("host-gw", "ebpf")),
+            Row::EbpfUdp => Some(("udp", "ebpf")),
+            Row::TunUdp => Some(("udp", "tun")),
+            Row::TunVxlan => Some(("vxlan", "tun")),
         }
     }
 }
@@ -406,7 +421,11 @@ pub fn verify(row: Row, hosts: &[Host; 2], active: &Active) -> Result<(), String
                 ))
             }
         }
-        Row::EbpfVxlan | Row::EbpfHostgw => ebpf_carries(hosts, active),
+        // The per-peer counters of flanneld status are the fast path's (eBPF) or the
+        // TUN dataplane's: either way, they prove the row's dataplane carries the pings.
+        Row::EbpfVxlan | Row::EbpfHostgw | Row::EbpfUdp | Row::TunUdp | Row::TunVxlan => {
+            ebpf_carries(hosts, active)
+        }
     }
 }
 
