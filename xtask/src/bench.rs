@@ -178,6 +178,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // Taken before the build: flanneld is built from the tree as it is now.
     let meta_start = (date(), loadavg(), commit());
     let flanneld = build_flanneld(&plan.rows);
+    let udp_reference = build_udp_reference(&plan.rows);
     let dir = tempfile::Builder::new().prefix("flbench-").tempdir()?;
     // A private copy: a rebuild of xtask during the run must not pull the binary that
     // the readiness checks run (`xtask http-get`) from under us.
@@ -194,6 +195,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             flanneld: &flanneld,
             xtask: &xtask,
             dir: dir.path(),
+            udp_reference: udp_reference.as_deref(),
         };
         run_rows(&plan, &ctx)?
     };
@@ -243,6 +245,22 @@ fn build_flanneld(rows: &[Row]) -> Result<PathBuf, String> {
     match run(cargo().args(["build", "--release", "--bin", "flanneld"])) {
         Ok(()) => Ok(target_dir().join("release/flanneld")),
         Err(e) => Err(format!("flanneld does not build: {e:#}")),
+    }
+}
+
+/// The flannel-udp-shaped reference proxy (an example of flannel-agent), when its row
+/// is asked for.
+fn build_udp_reference(rows: &[Row]) -> Option<PathBuf> {
+    if !rows.contains(&Row::UdpReference) {
+        return None;
+    }
+    let args = ["build", "--release", "--example", "flannel_udp_reference"];
+    match run(cargo().args(args)) {
+        Ok(()) => Some(target_dir().join("release/examples/flannel_udp_reference")),
+        Err(e) => {
+            eprintln!("bench: the udp reference did not build ({e:#}); its row will say so");
+            None
+        }
     }
 }
 

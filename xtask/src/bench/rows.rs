@@ -38,10 +38,13 @@ pub enum Row {
     TunUdp,
     /// Our flanneld, vxlan backend, `--dataplane tun`.
     TunVxlan,
+    /// The flannel-udp-shaped reference: a single-threaded `poll()` proxy over one TUN
+    /// and one UDP socket, like flanneld's udp backend (the measuring stick).
+    UdpReference,
 }
 
 impl Row {
-    pub const ALL: [Row; 9] = [
+    pub const ALL: [Row; 10] = [
         Row::Native,
         Row::KernelVxlan,
         Row::FlanneldKernelVxlan,
@@ -51,6 +54,7 @@ impl Row {
         Row::EbpfUdp,
         Row::TunUdp,
         Row::TunVxlan,
+        Row::UdpReference,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,13 +68,14 @@ impl Row {
             Row::EbpfUdp => "ebpf-udp",
             Row::TunUdp => "tun-udp",
             Row::TunVxlan => "tun-vxlan",
+            Row::UdpReference => "udp-reference",
         }
     }
 
     /// The flanneld backend type and `--dataplane` value, for the rows flanneld sets up.
     pub fn flanneld(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Row::Native | Row::KernelVxlan => None,
+            Row::Native | Row::KernelVxlan | Row::UdpReference => None,
             Row::FlanneldKernelVxlan => Some(("vxlan", "kernel")),
             Row::EbpfVxlan => Some(("vxlan", "ebpf")),
             Row::KernelHostgw => Some(("host-gw", "kernel")),
@@ -113,11 +118,14 @@ pub struct Ctx<'a> {
     /// This xtask, for `http-get` inside a namespace.
     pub xtask: &'a Path,
     pub dir: &'a Path,
+    /// The flannel-udp-shaped reference proxy, when built.
+    pub udp_reference: Option<&'a Path>,
 }
 
 /// Sets `row` up on the two hosts. `Ok(Err(why))`: the row is unavailable.
 pub fn setup(row: Row, hosts: &[Host; 2], ctx: &Ctx) -> Result<Result<Active, String>> {
     match row.flanneld() {
+        None if row == Row::UdpReference => udp_reference(hosts, ctx),
         None => by_hand(row, hosts).map(Ok),
         Some((backend, dataplane)) => flanneld(backend, dataplane, hosts, ctx),
     }
@@ -149,6 +157,45 @@ fn by_hand(row: Row, hosts: &[Host; 2]) -> Result<Active> {
         ping_timeout: Duration::from_secs(3),
         status_of_h1: None,
     })
+}
+
+/// flannel's udp MTU: underlay − 28.
+const UDP_MTU: u32 = UNDERLAY_MTU - 28;
+
+/// The reference proxy on each host; it creates `flannel0`, its address and the route.
+fn udp_reference(hosts: &[Host; 2], ctx: &Ctx) -> Result<Result<Active, String>> {
+    let Some(bin) = ctx.udp_reference else {
+        return Ok(Err("the reference proxy did not build".to_owned()));
+    };
+    let subnets = fixed_subnets();
+    let mut agents = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let j = 1 - i;
+        let mut cmd = h.ns.command(bin);
+        cmd.args([
+            "--bind".to_owned(),
+            format!("{}:8285", h.ip),
+            "--subnet".to_owned(),
+            subnets[i].cidr(),
+            "--network".to_owned(),
+            NETWORK.to_owned(),
+            "--mtu".to_owned(),
+            UDP_MTU.to_string(),
+            "--peer".to_owned(),
+            format!("{}={}:8285", subnets[j].cidr(), hosts[j].ip),
+        ]);
+        agents.push(Proc::spawn(cmd, ctx.dir.join(format!("reference-h{}.log", i + 1)))?);
+    }
+    for (h, s) in hosts.iter().zip(&subnets) {
+        h.attach_container(s, UDP_MTU)?;
+    }
+    Ok(Ok(Active {
+        _agents: agents,
+        _bpffs: None,
+        subnets,
+        ping_timeout: Duration::from_secs(10),
+        status_of_h1: None,
+    }))
 }
 
 /// host-gw by hand: `ip route replace <peer subnet> via <peer IP> dev eth0`.
@@ -397,7 +444,7 @@ pub fn verify(row: Row, hosts: &[Host; 2], active: &Active) -> Result<(), String
         .ip(&["route", "show", &subnets[1].cidr()])
         .map_err(|e| format!("{e:#}"))?;
     match row {
-        Row::Native => Ok(()),
+        Row::Native | Row::UdpReference => Ok(()),
         Row::KernelVxlan | Row::FlanneldKernelVxlan => {
             if route.contains("dev flannel.1") {
                 Ok(())
