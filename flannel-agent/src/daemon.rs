@@ -20,8 +20,8 @@ use crate::{
     config::{ConfigError, NetworkConfig, parse_config},
     host::{
         health::{self, Health, HealthError, HealthServer},
-        status::{self, Status},
         notify,
+        status::{self, Status},
         subnet_env::{self, SubnetEnv, SubnetEnvError},
         trafficmngr::{TrafficError, TrafficManager},
     },

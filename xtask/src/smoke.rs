@@ -459,7 +459,10 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
             fail(format!("{} did not log the other host as a peer", r.name));
         }
         if r.overlay_ping != Some(true) {
-            fail(format!("{} cannot ping the other host across the overlay", r.name));
+            fail(format!(
+                "{} cannot ping the other host across the overlay",
+                r.name
+            ));
         }
     }
     if subnets.iter().flatten().count() == HOSTS && subnets[0] == subnets[1] {

@@ -533,8 +533,11 @@ impl UdpBackend {
         let Some(fast) = &e.fast else { return st };
         // The programs carry what they can; the TUN path the rest: report both.
         st.dataplane = "ebpf".into();
-        let counts: BTreeMap<Ipv4Net, _> =
-            fast.peer_counters().unwrap_or_default().into_iter().collect();
+        let counts: BTreeMap<Ipv4Net, _> = fast
+            .peer_counters()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         for p in &mut st.peers {
             if let Some(c) = p.subnet.parse().ok().and_then(|s: Ipv4Net| counts.get(&s)) {
                 p.tx_packets += c.tx_packets;
@@ -543,8 +546,9 @@ impl UdpBackend {
                 p.rx_bytes += c.rx_bytes;
             }
         }
-        st.verdicts
-            .extend(super::fastpath::verdict_counts(fast.drop_counters().unwrap_or_default()));
+        st.verdicts.extend(super::fastpath::verdict_counts(
+            fast.drop_counters().unwrap_or_default(),
+        ));
         st
     }
 }

@@ -341,7 +341,10 @@ impl VxlanBackend {
             if let Some(dir) = choice.pin_dir {
                 fp.pin_dir = dir;
             }
-            paths.push(PeerPath::Ebpf(Box::new(EbpfPeers::new(fp, choice.required))));
+            paths.push(PeerPath::Ebpf(Box::new(EbpfPeers::new(
+                fp,
+                choice.required,
+            ))));
         }
         Ok(Self {
             spec,

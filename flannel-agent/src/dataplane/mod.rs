@@ -29,6 +29,6 @@ pub use ebpf::{
     DEFAULT_PIN_DIR, EbpfError, FastPathConfig, PeerEntry, VxlanFastPath, ebpf_object, probe,
 };
 pub use flannel_common::maps::PeerCounters;
-pub use udp::{UdpFastPath, UdpFastPathConfig, UdpPeerEntry};
 /// The subnet type of the fast path API ([`PeerEntry::subnet`], [`FastPathConfig::subnet`]).
 pub use ipnet::Ipv4Net;
+pub use udp::{UdpFastPath, UdpFastPathConfig, UdpPeerEntry};

@@ -184,7 +184,10 @@ fn udp_reference(hosts: &[Host; 2], ctx: &Ctx) -> Result<Result<Active, String>>
             "--peer".to_owned(),
             format!("{}={}:8285", subnets[j].cidr(), hosts[j].ip),
         ]);
-        agents.push(Proc::spawn(cmd, ctx.dir.join(format!("reference-h{}.log", i + 1)))?);
+        agents.push(Proc::spawn(
+            cmd,
+            ctx.dir.join(format!("reference-h{}.log", i + 1)),
+        )?);
     }
     for (h, s) in hosts.iter().zip(&subnets) {
         h.attach_container(s, UDP_MTU)?;
