@@ -5,7 +5,14 @@
 //! transaction): no per-key `TimeToLive` calls, unlike flannel, so a list of N leases
 //! costs one RPC whatever N is.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
@@ -97,11 +104,54 @@ pub enum WatchEvent {
     Delete { name: String, mod_revision: i64 },
 }
 
+/// RPCs sent by a [`Registry`] and its clones, by kind: for the control-plane bench.
+/// Counted when sent, whatever the outcome; the connect probe is not counted.
+#[derive(Debug, Default)]
+pub struct RpcCounts {
+    /// Single-key reads (`get config`, `get subnet`).
+    pub get: AtomicU64,
+    /// Full listings of the subnets prefix.
+    pub list: AtomicU64,
+    /// Keys-only listings (the periodic resync).
+    pub list_keys: AtomicU64,
+    /// Transactions (create, swap, conditional delete).
+    pub txn: AtomicU64,
+    pub grant: AtomicU64,
+    pub revoke: AtomicU64,
+    pub watch_create: AtomicU64,
+}
+
+impl RpcCounts {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts as `(kind, count)`, in a fixed order.
+    pub fn snapshot(&self) -> [(&'static str, u64); 7] {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("get", l(&self.get)),
+            ("list", l(&self.list)),
+            ("list keys-only", l(&self.list_keys)),
+            ("txn", l(&self.txn)),
+            ("lease grant", l(&self.grant)),
+            ("lease revoke", l(&self.revoke)),
+            ("watch create", l(&self.watch_create)),
+        ]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.snapshot().iter().map(|(_, n)| n).sum()
+    }
+}
+
 #[derive(Clone)]
 pub struct Registry {
     client: Client,
     prefix: String,
     subnets: String,
+    /// Shared by all clones.
+    counts: Arc<RpcCounts>,
 }
 
 async fn timed<T>(
@@ -212,6 +262,7 @@ impl Registry {
             client,
             subnets: format!("{prefix}/subnets/"),
             prefix,
+            counts: Arc::default(),
         };
         let mut kv = reg.client.kv_client();
         let probe = kv.get(
@@ -245,6 +296,11 @@ impl Registry {
         }
     }
 
+    /// The RPCs sent so far through this registry and all its clones.
+    pub fn rpc_counts(&self) -> Arc<RpcCounts> {
+        Arc::clone(&self.counts)
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -257,6 +313,7 @@ impl Registry {
     /// The raw config value, or None when the key is missing.
     pub async fn get_config(&self) -> Result<Option<Vec<u8>>, EtcdError> {
         let mut kv = self.client.kv_client();
+        RpcCounts::bump(&self.counts.get);
         let resp = timed(
             "get config",
             kv.get(format!("{}/config", self.prefix), None),
@@ -268,6 +325,7 @@ impl Registry {
     /// All subnet keys and the revision of the listing.
     pub async fn list_subnets(&self) -> Result<(Vec<RawLease>, i64), EtcdError> {
         let mut kv = self.client.kv_client();
+        RpcCounts::bump(&self.counts.list);
         let resp = timed(
             "list subnets",
             kv.get(self.subnets.clone(), Some(GetOptions::new().with_prefix())),
@@ -285,6 +343,7 @@ impl Registry {
     /// Names and mod revisions only: the cheap check of the periodic resync.
     pub async fn list_subnet_revisions(&self) -> Result<(Vec<(String, i64)>, i64), EtcdError> {
         let mut kv = self.client.kv_client();
+        RpcCounts::bump(&self.counts.list_keys);
         let resp = timed(
             "list subnet keys",
             kv.get(
@@ -304,6 +363,7 @@ impl Registry {
 
     pub async fn get_subnet(&self, name: &str) -> Result<Option<RawLease>, EtcdError> {
         let mut kv = self.client.kv_client();
+        RpcCounts::bump(&self.counts.get);
         let resp = timed("get subnet", kv.get(self.subnet_key(name), None)).await?;
         Ok(resp
             .kvs()
@@ -316,6 +376,7 @@ impl Registry {
             None => Ok(0),
             Some(ttl) => {
                 let mut lc = self.client.lease_client();
+                RpcCounts::bump(&self.counts.grant);
                 Ok(timed("lease grant", lc.grant(ttl, None)).await?.id())
             }
         }
@@ -327,6 +388,7 @@ impl Registry {
             return;
         }
         let mut lc = self.client.lease_client();
+        RpcCounts::bump(&self.counts.revoke);
         if let Err(e) = timed("lease revoke", lc.revoke(etcd_lease)).await {
             tracing::debug!(etcd_lease, error = %e, "revoking an unused etcd lease failed");
         }
@@ -351,6 +413,7 @@ impl Registry {
             TxnOp::get(key, None),
         ]);
         let mut kv = self.client.kv_client();
+        RpcCounts::bump(&self.counts.txn);
         let resp = match timed(op, kv.txn(txn)).await {
             Ok(r) => r,
             Err(e) => {
@@ -412,6 +475,7 @@ impl Registry {
             )])
             .and_then([TxnOp::delete(key, None)]);
         let mut kv = self.client.kv_client();
+        RpcCounts::bump(&self.counts.txn);
         Ok(timed("delete subnet", kv.txn(txn)).await?.succeeded())
     }
 
@@ -422,6 +486,7 @@ impl Registry {
             .with_prefix()
             .with_start_revision(from_revision)
             .with_progress_notify();
+        RpcCounts::bump(&self.counts.watch_create);
         let stream = timed("watch", wc.watch(self.subnets.clone(), Some(opts))).await?;
         Ok(SubnetWatch {
             stream,
