@@ -13,6 +13,7 @@
 
 mod bench;
 mod ebpf;
+mod lab;
 mod setup;
 mod smoke;
 mod test;
@@ -44,6 +45,10 @@ enum Cmd {
     /// iperf3 and qperf between two containers for each dataplane, offloads on and off;
     /// writes target/bench/report.md and results.json (run as root).
     Bench(bench::BenchArgs),
+    /// A multi-host cluster in namespaces: etcd, N hosts with flanneld, M containers
+    /// each; pings every container pair and shows a table (run as root).
+    /// `cargo xtask lab down` removes what a killed run left.
+    Lab(lab::LabArgs),
     /// GET http://ADDR/PATH and print the body; exit 0 only on 200. Used by `smoke`
     /// inside a namespace, where no HTTP client may be installed.
     #[command(hide = true)]
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { cargo_args } => test::test(&cargo_args),
         Cmd::Smoke => smoke::smoke(),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Lab(args) => lab::lab(&args),
         Cmd::HttpGet { addr, path } => util::http_get_cmd(&addr, &path),
     }
 }

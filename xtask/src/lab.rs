@@ -1,0 +1,948 @@
+//! `cargo xtask lab`: a multi-host flannel cluster on one machine, in namespaces.
+//!
+//! ```text
+//!   fllab-ul-PID     bridge br0 10.97.0.1/24, etcd on http://10.97.0.1:2379
+//!     ├── veth ── fllab-h1-PID   eth0 10.97.0.2/24, flanneld, cni0 = FLANNEL_SUBNET
+//!     │             ├── veth ── fllab-h1c1-PID  eth0 .2, MTU FLANNEL_MTU, default via .1
+//!     │             └── veth ── fllab-h1c2-PID  eth0 .3
+//!     └── veth ── fllab-h2-PID   ...
+//! ```
+//!
+//! Everything lives in namespaces named `fllab-*`, a private bpffs and a temp dir named
+//! `fllab-*`; all of it goes on exit, on error and on Ctrl-C. `cargo xtask lab down`
+//! removes what a killed run left. The machine's own network is never touched.
+
+use std::{
+    fs,
+    io::IsTerminal,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    ebpf, setup,
+    util::{BpffsMount, cargo, is_root, output, run, show, target_dir, which},
+};
+
+/// Every namespace, temp dir and bpffs mount of the lab starts with this.
+pub const PREFIX: &str = "fllab-";
+const UNDERLAY: &str = "10.97.0";
+const ETCD_PREFIX: &str = "/coreos.com/network";
+const NETWORK: &str = "10.5.0.0/16";
+const HEALTHZ_PORT: u16 = 8471;
+
+/// Set by the Ctrl-C/SIGTERM handler; every wait checks it, so the guards unwind.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    pub action: Option<LabAction>,
+    /// Number of host namespaces, one flanneld each.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=200))]
+    pub hosts: u16,
+    /// Container namespaces behind each host.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub containers: u16,
+    /// The flannel backend written to the network config.
+    #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
+    pub backend: Backend,
+    /// VXLAN only: route directly between hosts on the same subnet.
+    #[arg(long)]
+    pub directrouting: bool,
+    /// flanneld's `--dataplane`.
+    #[arg(long, value_enum, default_value_t = Dataplane::Auto)]
+    pub dataplane: Dataplane,
+    /// Print the table and exit: status 0 with full connectivity, 1 otherwise.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum LabAction {
+    /// Remove what a killed lab left: namespaces, processes, bpffs mounts, temp dirs.
+    Down,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan,
+    Udp,
+    HostGw,
+}
+
+impl Backend {
+    fn flannel_type(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::Udp => "udp",
+            Backend::HostGw => "host-gw",
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    Auto,
+    Ebpf,
+    Kernel,
+    Tun,
+}
+
+impl Dataplane {
+    fn flag(self) -> &'static str {
+        match self {
+            Dataplane::Auto => "auto",
+            Dataplane::Ebpf => "ebpf",
+            Dataplane::Kernel => "kernel",
+            Dataplane::Tun => "tun",
+        }
+    }
+}
+
+/// The network config the lab writes to etcd.
+fn network_config(backend: Backend, directrouting: bool) -> String {
+    let dr = if directrouting {
+        r#","DirectRouting":true"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{}"{dr}}}}}"#,
+        backend.flannel_type()
+    )
+}
+
+pub fn lab(args: &LabArgs) -> Result<()> {
+    if matches!(args.action, Some(LabAction::Down)) {
+        return down();
+    }
+    if !is_root() {
+        bail!(
+            "the lab creates network namespaces, mounts a bpffs and runs flanneld: it needs \
+             root. Run it as root (e.g. sudo -E cargo xtask lab)"
+        );
+    }
+    if args.directrouting && args.backend != Backend::Vxlan {
+        bail!("--directrouting applies to the vxlan backend only");
+    }
+    check_free()?;
+    setup::setup()?;
+    for (tool, package) in [
+        ("etcd", "etcd-server"),
+        ("etcdctl", "etcd-client"),
+        ("ip", "iproute2"),
+        ("ping", "iputils-ping"),
+        ("mount", "mount"),
+    ] {
+        if which(tool).is_none() {
+            bail!(
+                "`{tool}` is missing (Debian package {package}): run `cargo xtask setup` as \
+                 root, or apt-get install {package}"
+            );
+        }
+    }
+    ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst))
+        .context("install the Ctrl-C handler")?;
+    match ebpf::toolchain().and_then(|tc| ebpf::build(&tc)) {
+        Ok(obj) => eprintln!("lab: BPF object {}", obj.display()),
+        Err(e) if args.dataplane == Dataplane::Ebpf => {
+            return Err(e.context("--dataplane=ebpf needs the BPF object"));
+        }
+        Err(e) => eprintln!("lab: warning: the BPF object did not build ({e:#})"),
+    }
+    run(cargo().args(["build", "--bin", "flanneld"]))?;
+    let flanneld = target_dir().join("debug/flanneld");
+    let xtask = std::env::current_exe().context("locate the xtask binary")?;
+    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
+    let ok = run_lab(args, &flanneld, &xtask, dir.path())?;
+    if args.once && !ok {
+        bail!("lab: connectivity is not complete (see the table above)");
+    }
+    Ok(())
+}
+
+/// Refuses to start over a live lab or over a killed lab's leftovers.
+fn check_free() -> Result<()> {
+    let names = lab_namespaces();
+    if names.is_empty() {
+        return Ok(());
+    }
+    if let Some(pid) = names.iter().filter_map(|n| owner(n)).find(|&p| alive(p)) {
+        bail!(
+            "a lab is already running (pid {pid}, namespaces {}); stop it with Ctrl-C, or \
+             run `cargo xtask lab down`",
+            names.join(" ")
+        );
+    }
+    bail!(
+        "the namespace names are already in use by a killed lab run ({}); run `cargo xtask \
+         lab down` first",
+        names.join(" ")
+    );
+}
+
+/// Namespaces whose name starts with [`PREFIX`].
+fn lab_namespaces() -> Vec<String> {
+    output(Command::new("ip").args(["netns", "list"]))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The pid of the lab run that made namespace `name` (`fllab-h1-1234`).
+fn owner(name: &str) -> Option<u32> {
+    name.rsplit('-').next().and_then(|p| p.parse().ok())
+}
+
+/// True when `pid` is another live xtask (so a recycled pid does not count).
+fn alive(pid: u32) -> bool {
+    pid != std::process::id()
+        && fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim().starts_with("xtask"))
+}
+
+/// Where the lab's temp dirs start: `/tmp/fllab-`.
+fn temp_prefix() -> String {
+    std::env::temp_dir()
+        .join(PREFIX)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Processes whose command line mentions a lab temp dir (flanneld, etcd), except us.
+fn lab_processes() -> Vec<(u32, String)> {
+    let prefix = temp_prefix();
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            cmd.contains(&prefix).then(|| (pid, cmd.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// Mount points (from /proc/mounts) below a lab temp dir, deepest first.
+fn lab_mounts() -> Vec<String> {
+    let prefix = temp_prefix();
+    let mut mounts: Vec<String> = fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    mounts.dedup();
+    mounts
+}
+
+/// The lab's temp dirs.
+fn lab_temp_dirs() -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// What a lab left behind, in words; empty when nothing is left. `cargo xtask test`
+/// checks this after `lab --once`.
+pub fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    for n in lab_namespaces() {
+        found.push(format!("namespace {n}"));
+    }
+    for (pid, cmd) in lab_processes() {
+        found.push(format!("process {pid}: {cmd}"));
+    }
+    for m in lab_mounts() {
+        found.push(format!("mount {m}"));
+    }
+    for d in lab_temp_dirs() {
+        found.push(format!("temp dir {}", d.display()));
+    }
+    found
+}
+
+/// `cargo xtask lab down`.
+fn down() -> Result<()> {
+    if !is_root() {
+        bail!(
+            "removing namespaces and mounts needs root: run it as root (e.g. sudo -E cargo \
+             xtask lab down)"
+        );
+    }
+    let mut removed = 0usize;
+    // A live lab is asked to stop first, so it tears down in order.
+    let names = lab_namespaces();
+    let mut owners: Vec<u32> = names.iter().filter_map(|n| owner(n)).collect();
+    owners.sort_unstable();
+    owners.dedup();
+    for pid in owners.into_iter().filter(|&p| alive(p)) {
+        println!("lab down: asking the running lab (pid {pid}) to stop");
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive(pid) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    for n in lab_namespaces() {
+        println!("lab down: removing namespace {n} and its processes");
+        kill_and_delete(&n);
+        removed += 1;
+    }
+    for (pid, cmd) in lab_processes() {
+        println!("lab down: killing process {pid}: {cmd}");
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        removed += 1;
+    }
+    for m in lab_mounts() {
+        println!("lab down: unmounting {m}");
+        let _ = Command::new("umount").args(["-l", &m]).status();
+        removed += 1;
+    }
+    for d in lab_temp_dirs() {
+        println!("lab down: removing {}", d.display());
+        if let Err(e) = fs::remove_dir_all(&d) {
+            eprintln!("lab down: cannot remove {}: {e}", d.display());
+        }
+        removed += 1;
+    }
+    let left = leftovers();
+    if !left.is_empty() {
+        bail!("lab down: still left: {}", left.join("; "));
+    }
+    if removed == 0 {
+        println!("lab down: nothing to remove");
+    } else {
+        println!("lab down: done");
+    }
+    Ok(())
+}
+
+/// Kills whatever runs in namespace `name`, then deletes it.
+fn kill_and_delete(name: &str) {
+    for _ in 0..50 {
+        let pids = output(Command::new("ip").args(["netns", "pids", name])).unwrap_or_default();
+        if pids.trim().is_empty() {
+            break;
+        }
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(pids.split_whitespace())
+            .stderr(Stdio::null())
+            .status();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+}
+
+/// A network namespace of this run; processes inside are killed and it is deleted on drop.
+struct Ns {
+    name: String,
+}
+
+impl Ns {
+    fn new(role: &str) -> Result<Ns> {
+        let name = format!("{PREFIX}{role}-{}", std::process::id());
+        output(Command::new("ip").args(["netns", "add", &name])).with_context(|| {
+            format!("cannot create namespace {name}; if it is in use, run `cargo xtask lab down`")
+        })?;
+        let ns = Ns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<String> {
+        output(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        kill_and_delete(&self.name);
+    }
+}
+
+/// A process logging to a file; SIGTERM, then SIGKILL after 5 s, on drop.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let file = fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            // Its own process group: the terminal's Ctrl-C reaches only us.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", show(&cmd)))?;
+        Ok(Proc { child, log })
+    }
+
+    fn log(&self) -> String {
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.exited().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 200 ms until it yields, `timeout` passes, or we are interrupted.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<Option<T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if interrupted() {
+            bail!("interrupted while waiting for {what}");
+        }
+        if let Some(v) = f() {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One host: its namespace, its containers, its flanneld's files.
+struct Host {
+    // Field order is drop order: the containers go before their host.
+    containers: Vec<Ns>,
+    ns: Ns,
+    name: String,
+    /// Container addresses (filled once subnet.env is there).
+    addrs: Vec<Ipv4Addr>,
+    subnet_file: PathBuf,
+}
+
+fn env_value<'a>(env: &'a str, key: &str) -> Option<&'a str> {
+    env.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
+}
+
+/// `10.5.34.1/24` → (10.5.34.1, 24).
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = s.trim().split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some(())?;
+    Some((ip.parse().ok()?, len))
+}
+
+/// The container addresses behind a bridge holding `bridge` (.1): .2, .3, ...
+fn container_addrs(bridge: Ipv4Addr, len: u8, count: u16) -> Option<Vec<Ipv4Addr>> {
+    let size = 1u64 << (32 - u32::from(len));
+    // .0 network, .1 bridge, the containers, the broadcast address.
+    if u64::from(count) + 3 > size {
+        return None;
+    }
+    Some(
+        (1..=u32::from(count))
+            .map(|j| Ipv4Addr::from(u32::from(bridge).wrapping_add(j)))
+            .collect(),
+    )
+}
+
+/// `flanneld status --json` for the flanneld writing `subnet_file`.
+fn status(flanneld: &Path, subnet_file: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(flanneld)
+        .args(["status", "--json"])
+        .arg(format!("--subnet-file={}", subnet_file.display()))
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn readyz(ns: &Ns, xtask: &Path) -> bool {
+    ns.command(xtask)
+        .args(["http-get", &format!("127.0.0.1:{HEALTHZ_PORT}"), "/readyz"])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// One ping with two retries.
+fn ping(from: &Ns, to: Ipv4Addr) -> bool {
+    let to = to.to_string();
+    (0..3).any(|attempt| {
+        if attempt > 0 {
+            thread::sleep(Duration::from_millis(300));
+        }
+        !interrupted()
+            && from
+                .command("ping")
+                .args(["-c", "1", "-W", "1", &to])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    })
+}
+
+fn build_host(ul: &Ns, i: u16, containers: u16, dir: &Path) -> Result<Host> {
+    let name = format!("h{i}");
+    let ns = Ns::new(&name)?;
+    let ip = format!("{UNDERLAY}.{}", i + 1);
+    let port = format!("p{i}");
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &ul.name,
+    ])?;
+    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ul.ip(&["link", "set", &port, "master", "br0"])?;
+    ul.ip(&["link", "set", &port, "up"])?;
+    ns.ip(&["route", "add", "default", "via", &format!("{UNDERLAY}.1")])?;
+    output(ns.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+    ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+    let mut cs = Vec::new();
+    for j in 1..=containers {
+        let c = Ns::new(&format!("h{i}c{j}"))?;
+        let veth = format!("vc{j}");
+        ns.ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &c.name,
+        ])?;
+        ns.ip(&["link", "set", &veth, "master", "cni0"])?;
+        cs.push(c);
+    }
+    let hdir = dir.join(&name);
+    fs::create_dir_all(&hdir)?;
+    Ok(Host {
+        containers: cs,
+        ns,
+        subnet_file: hdir.join("subnet.env"),
+        name,
+        addrs: Vec::new(),
+    })
+}
+
+/// Configures the container side from subnet.env, as Docker's `--bip`/`--mtu` would.
+fn attach_containers(h: &mut Host, env: &str, count: u16) -> Result<()> {
+    let subnet = env_value(env, "FLANNEL_SUBNET").context("subnet.env has no FLANNEL_SUBNET")?;
+    let mtu = env_value(env, "FLANNEL_MTU").context("subnet.env has no FLANNEL_MTU")?;
+    let (bridge, len) =
+        parse_cidr(subnet).with_context(|| format!("bad FLANNEL_SUBNET {subnet}"))?;
+    let addrs = container_addrs(bridge, len, count)
+        .with_context(|| format!("{count} containers do not fit in {subnet}"))?;
+    h.ns.ip(&["addr", "add", subnet, "dev", "cni0"])?;
+    h.ns.ip(&["link", "set", "cni0", "mtu", mtu, "up"])?;
+    let gw = bridge.to_string();
+    for (j, (c, addr)) in h.containers.iter().zip(&addrs).enumerate() {
+        h.ns.ip(&["link", "set", &format!("vc{}", j + 1), "mtu", mtu, "up"])?;
+        c.ip(&["link", "set", "eth0", "mtu", mtu, "up"])?;
+        c.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "eth0"])?;
+        c.ip(&["route", "add", "default", "via", &gw])?;
+    }
+    h.addrs = addrs;
+    Ok(())
+}
+
+/// One row of the table.
+struct Row {
+    host: String,
+    public_ip: String,
+    subnet: String,
+    backend: String,
+    dataplane: String,
+    peers: String,
+    health: String,
+    connectivity: String,
+}
+
+fn print_table(rows: &[Row]) {
+    let header = Row {
+        host: "host".into(),
+        public_ip: "PublicIP".into(),
+        subnet: "subnet".into(),
+        backend: "backend".into(),
+        dataplane: "dataplane".into(),
+        peers: "peers".into(),
+        health: "health".into(),
+        connectivity: "connectivity".into(),
+    };
+    for r in std::iter::once(&header).chain(rows) {
+        println!(
+            "{:<5} {:<12} {:<15} {:<8} {:<9} {:<5} {:<9} {}",
+            r.host,
+            r.public_ip,
+            r.subnet,
+            r.backend,
+            r.dataplane,
+            r.peers,
+            r.health,
+            r.connectivity
+        );
+    }
+}
+
+fn str_of(v: &serde_json::Value, key: &str) -> String {
+    v[key]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("-")
+        .to_owned()
+}
+
+fn run_lab(args: &LabArgs, flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
+    let n = usize::from(args.hosts);
+    let m = args.containers;
+    let config = network_config(args.backend, args.directrouting);
+    println!(
+        "lab: {n} hosts x {m} containers, {config}, --dataplane={}",
+        args.dataplane.flag()
+    );
+
+    // Declaration order is teardown order reversed: flanneld, etcd, hosts with their
+    // containers, the bpffs, the underlay.
+    let ul = Ns::new("ul")?;
+    ul.ip(&["link", "add", "br0", "type", "bridge"])?;
+    ul.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
+    ul.ip(&["link", "set", "br0", "up"])?;
+    let bpffs = BpffsMount::new(dir.join("bpffs"))?;
+    let mut hosts = Vec::new();
+    for i in 1..=args.hosts {
+        hosts.push(build_host(&ul, i, m, dir)?);
+    }
+
+    let endpoint = format!("http://{UNDERLAY}.1:2379");
+    let mut etcd_cmd = ul.command("etcd");
+    etcd_cmd.args([
+        "--name=lab".to_owned(),
+        format!("--data-dir={}", dir.join("etcd").display()),
+        format!("--listen-client-urls={endpoint}"),
+        format!("--advertise-client-urls={endpoint}"),
+        format!("--listen-peer-urls=http://{UNDERLAY}.1:2380"),
+        format!("--initial-advertise-peer-urls=http://{UNDERLAY}.1:2380"),
+        format!("--initial-cluster=lab=http://{UNDERLAY}.1:2380"),
+    ]);
+    let mut etcd = Proc::spawn(etcd_cmd, dir.join("etcd.log"))?;
+    let etcdctl = |a: &[&str]| {
+        let mut cmd = ul.command("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(a);
+        output(&mut cmd)
+    };
+    if wait_for("etcd", Duration::from_secs(20), || {
+        etcdctl(&["endpoint", "health"]).ok()
+    })?
+    .is_none()
+    {
+        bail!(
+            "etcd did not become healthy; exit {:?}; log:\n{}",
+            etcd.exited(),
+            etcd.log()
+        );
+    }
+    etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), &config])?;
+    println!("lab: etcd at {endpoint}");
+
+    let mut agents = Vec::new();
+    for h in &hosts {
+        let mut cmd = h.ns.command(flanneld);
+        cmd.args([
+            format!("--etcd-endpoints={endpoint}"),
+            "--iface=eth0".to_owned(),
+            format!("--subnet-file={}", h.subnet_file.display()),
+            format!("--state-dir={}", dir.join(&h.name).join("state").display()),
+            format!("--bpf-pin-dir={}", bpffs.pin_dir(&h.name).display()),
+            format!("--dataplane={}", args.dataplane.flag()),
+            "--healthz-ip=127.0.0.1".to_owned(),
+            format!("--healthz-port={HEALTHZ_PORT}"),
+        ]);
+        agents.push(Proc::spawn(cmd, dir.join(&h.name).join("flanneld.log"))?);
+    }
+
+    // READY on every host (or its flanneld exited).
+    let mut ready = vec![false; n];
+    let mut dead = vec![false; n];
+    wait_for("READY on every host", Duration::from_secs(45), || {
+        for i in 0..n {
+            if ready[i] || dead[i] {
+                continue;
+            }
+            if agents[i].exited().is_some() {
+                dead[i] = true;
+                continue;
+            }
+            ready[i] = hosts[i].subnet_file.is_file() && readyz(&hosts[i].ns, xtask);
+        }
+        (0..n).all(|i| ready[i] || dead[i]).then_some(())
+    })?;
+    for (i, h) in hosts.iter_mut().enumerate() {
+        if !ready[i] {
+            println!("lab: {} is not READY", h.name);
+            continue;
+        }
+        let env = fs::read_to_string(&h.subnet_file)?;
+        attach_containers(h, &env, m)?;
+    }
+    println!(
+        "lab: {}/{n} hosts READY; waiting for every host to program its peers",
+        ready.iter().filter(|r| **r).count()
+    );
+    let peers_of = |i: usize| {
+        status(flanneld, &hosts[i].subnet_file)
+            .and_then(|s| s["peers"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    wait_for("peers", Duration::from_secs(20), || {
+        (0..n)
+            .filter(|&i| ready[i])
+            .all(|i| peers_of(i) >= n - 1)
+            .then_some(())
+    })?;
+
+    // Every container pair, one thread per source container.
+    let targets: Vec<Ipv4Addr> = hosts.iter().flat_map(|h| h.addrs.clone()).collect();
+    let per_host_total = usize::from(m) * (n * usize::from(m) - 1);
+    let started = Instant::now();
+    let results: Vec<(usize, bool, Ipv4Addr, Ipv4Addr)> = thread::scope(|s| {
+        let mut jobs = Vec::new();
+        for (hi, h) in hosts.iter().enumerate() {
+            for (ci, c) in h.containers.iter().enumerate() {
+                let from = h.addrs.get(ci).copied();
+                let targets = &targets;
+                jobs.push(s.spawn(move || {
+                    let Some(from) = from else {
+                        // Not configured: every ping from it fails.
+                        return vec![
+                            (hi, false, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
+                            n * usize::from(m) - 1
+                        ];
+                    };
+                    targets
+                        .iter()
+                        .filter(|&&t| t != from)
+                        .map(|&t| (hi, ping(c, t), from, t))
+                        .collect::<Vec<_>>()
+                }));
+            }
+        }
+        jobs.into_iter()
+            .flat_map(|j| j.join().unwrap_or_default())
+            .collect()
+    });
+    if interrupted() {
+        bail!("interrupted");
+    }
+    let total = results.len();
+    let ok_count = results.iter().filter(|r| r.1).count();
+    println!(
+        "lab: {ok_count}/{total} container pairs ping in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut rows = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let st = status(flanneld, &h.subnet_file).unwrap_or_default();
+        let ok = results.iter().filter(|r| r.0 == i && r.1).count();
+        rows.push(Row {
+            host: h.name.clone(),
+            public_ip: str_of(&st, "public_ip"),
+            subnet: str_of(&st, "subnet"),
+            backend: str_of(&st, "backend"),
+            dataplane: str_of(&st, "dataplane"),
+            peers: st["peers"]
+                .as_array()
+                .map_or_else(|| "-".to_owned(), |p| p.len().to_string()),
+            health: if readyz(&h.ns, xtask) {
+                "ready".to_owned()
+            } else {
+                "NOT READY".to_owned()
+            },
+            connectivity: format!("{ok}/{per_host_total}"),
+        });
+    }
+    println!();
+    print_table(&rows);
+    println!();
+    let full = ok_count == total && total == n * usize::from(m) * (n * usize::from(m) - 1);
+    if full {
+        println!("lab: full connectivity ({ok_count}/{total})");
+    } else {
+        println!("lab: connectivity INCOMPLETE ({ok_count}/{total})");
+        for r in results.iter().filter(|r| !r.1) {
+            println!("  no reply: {} -> {}", r.2, r.3);
+        }
+        for (i, a) in agents.iter_mut().enumerate() {
+            if let Some(st) = a.exited() {
+                println!("  {} flanneld exited: {st}", hosts[i].name);
+            }
+            let log = a.log();
+            let lines: Vec<&str> = log.lines().collect();
+            println!("---- {} flanneld log (last 15 lines) ----", hosts[i].name);
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                println!("{l}");
+            }
+        }
+    }
+    if args.once {
+        return Ok(full);
+    }
+
+    live(flanneld, &hosts, &rows);
+    println!("lab: tearing down");
+    drop(agents);
+    drop(etcd);
+    Ok(full)
+}
+
+/// Refreshes the per-peer counters every 2 s until Ctrl-C.
+fn live(flanneld: &Path, hosts: &[Host], rows: &[Row]) {
+    let tty = std::io::stdout().is_terminal();
+    while !interrupted() {
+        if tty {
+            print!("\x1b[2J\x1b[H");
+            print_table(rows);
+            println!();
+        }
+        println!(
+            "{:<5} {:<15} {:<12} {:>10} {:>12} {:>10} {:>12}",
+            "host", "peer subnet", "peer IP", "tx pkts", "tx bytes", "rx pkts", "rx bytes"
+        );
+        for h in hosts {
+            let st = status(flanneld, &h.subnet_file).unwrap_or_default();
+            for p in st["peers"].as_array().into_iter().flatten() {
+                let num = |k: &str| p[k].as_u64().unwrap_or(0);
+                println!(
+                    "{:<5} {:<15} {:<12} {:>10} {:>12} {:>10} {:>12}",
+                    h.name,
+                    str_of(p, "subnet"),
+                    str_of(p, "public_ip"),
+                    num("tx_packets"),
+                    num("tx_bytes"),
+                    num("rx_packets"),
+                    num("rx_bytes"),
+                );
+            }
+        }
+        println!("(refreshing every 2 s; Ctrl-C stops the lab and tears it down)");
+        if !tty {
+            println!();
+        }
+        let until = Instant::now() + Duration::from_secs(2);
+        while !interrupted() && Instant::now() < until {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_per_backend() {
+        assert_eq!(
+            network_config(Backend::Vxlan, false),
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#
+        );
+        assert_eq!(
+            network_config(Backend::Vxlan, true),
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#
+        );
+        assert_eq!(
+            network_config(Backend::HostGw, false),
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#
+        );
+    }
+
+    #[test]
+    fn containers_follow_the_bridge() {
+        let (ip, len) = parse_cidr("10.5.34.1/24").unwrap();
+        assert_eq!(len, 24);
+        let a = container_addrs(ip, len, 2).unwrap();
+        assert_eq!(
+            a,
+            [
+                "10.5.34.2".parse::<Ipv4Addr>().unwrap(),
+                "10.5.34.3".parse().unwrap()
+            ]
+        );
+        assert_eq!(container_addrs(ip, 30, 2), None);
+        assert_eq!(parse_cidr("nonsense"), None);
+    }
+
+    #[test]
+    fn owner_is_the_last_dash_field() {
+        assert_eq!(owner("fllab-h1c2-4242"), Some(4242));
+        assert_eq!(owner("fllab-ul"), None);
+    }
+
+    #[test]
+    fn env_values() {
+        let env = "FLANNEL_SUBNET=10.5.34.1/24\nFLANNEL_MTU=1450\n";
+        assert_eq!(env_value(env, "FLANNEL_MTU"), Some("1450"));
+        assert_eq!(env_value(env, "FLANNEL_IPMASQ"), None);
+    }
+}
