@@ -17,6 +17,7 @@
 //! asserts speed: this is a benchmark, not a test.
 
 mod chart;
+mod control_plane;
 mod measure;
 mod report;
 mod rows;
@@ -68,6 +69,20 @@ pub struct BenchArgs {
     /// Where to write report.md and results.json [default: target/bench].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead: the control-plane bench (simulated agents against one etcd; no root);
+    /// writes control-plane.md.
+    #[arg(long)]
+    control_plane: bool,
+    /// --control-plane: simulated agents (also run with a quarter of them).
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// --control-plane: existing leases for the READY measurement.
+    #[arg(long, default_value_t = 5000)]
+    leases_for_ready: usize,
+    /// --control-plane: exit non-zero unless subnets are distinct, new leases reach every
+    /// agent and RPCs per agent stay bounded.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -163,6 +178,14 @@ impl Plan {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.control_plane {
+        return control_plane::run(&control_plane::Opts {
+            agents: args.agents,
+            leases_for_ready: args.leases_for_ready,
+            check: args.check,
+            out: args.out.clone(),
+        });
+    }
     if !is_root() {
         bail!(
             "the bench creates network namespaces and needs root: \
