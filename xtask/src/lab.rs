@@ -165,8 +165,11 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     }
     run(cargo().args(["build", "--bin", "flanneld"]))?;
     let flanneld = target_dir().join("debug/flanneld");
-    let xtask = std::env::current_exe().context("locate the xtask binary")?;
     let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
+    // A private copy of ourselves (for `http-get` inside the namespaces): a rebuild of
+    // xtask during the run would delete the file we were started from.
+    let xtask = dir.path().join("xtask");
+    fs::copy("/proc/self/exe", &xtask).context("copy the xtask binary")?;
     let ok = run_lab(args, &flanneld, &xtask, dir.path())?;
     if args.once && !ok {
         bail!("lab: connectivity is not complete (see the table above)");
@@ -314,6 +317,7 @@ fn down() -> Result<()> {
         while alive(pid) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(100));
         }
+        removed += 1;
     }
     for n in lab_namespaces() {
         println!("lab down: removing namespace {n} and its processes");

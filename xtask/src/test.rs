@@ -3,7 +3,8 @@
 //! Order matters: the BPF object first (flanneld embeds it at compile time), then
 //! `cargo build --bins` (integration tests run the `flanneld` binary, which `cargo test`
 //! does not build for another crate's tests), then `cargo test`. Under `CI=true` anything
-//! that would make tests skip is an error here already.
+//! that would make tests skip is an error here already. Last, `lab --once` brings up the
+//! 3-host lab, and nothing of it may remain afterwards.
 
 use anyhow::{Result, bail};
 
@@ -51,5 +52,32 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
             "--no-fail-fast",
         ])
         .args(cargo_args))?;
+    lab_once()?;
+    Ok(())
+}
+
+/// The lab once, 3 hosts x 2 containers: full connectivity, then nothing left behind.
+fn lab_once() -> Result<()> {
+    if !is_root() {
+        eprintln!("warning: not root: the lab run (cargo xtask lab --once) is skipped");
+        return Ok(());
+    }
+    // Not current_exe(): a concurrent rebuild may have replaced the file we started from.
+    run(std::process::Command::new("/proc/self/exe").args([
+        "lab",
+        "--once",
+        "--hosts",
+        "3",
+        "--containers",
+        "2",
+    ]))?;
+    let left = crate::lab::leftovers();
+    if !left.is_empty() {
+        bail!(
+            "the lab left behind: {}; run `cargo xtask lab down`",
+            left.join("; ")
+        );
+    }
+    eprintln!("lab: full connectivity, nothing left behind");
     Ok(())
 }
