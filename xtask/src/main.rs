@@ -5,6 +5,8 @@
 //! - `test`: build everything and run every test, the privileged ones included;
 //! - `smoke`: two flanneld "hosts" in network namespaces against one etcd;
 //! - `bench`: iperf3 and qperf between two containers, per dataplane.
+//! - `lab`: N hosts with M containers each against one etcd, a connectivity table, live
+//!   per-peer counters until Ctrl-C; `lab down` removes what a killed run left.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
