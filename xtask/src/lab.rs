@@ -163,7 +163,8 @@ pub fn lab(args: &LabArgs) -> Result<()> {
         }
         Err(e) => eprintln!("lab: warning: the BPF object did not build ({e:#})"),
     }
-    run(cargo().args(["build", "--bin", "flanneld"]))?;
+    // `--bins`, as `cargo xtask test` builds: the same feature set, so no rebuild there.
+    run(cargo().args(["build", "--bins"]))?;
     let flanneld = target_dir().join("debug/flanneld");
     let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
     // A private copy of ourselves (for `http-get` inside the namespaces): a rebuild of
@@ -835,8 +836,19 @@ fn run_lab(args: &LabArgs, flanneld: &Path, xtask: &Path, dir: &Path) -> Result<
         println!("lab: full connectivity ({ok_count}/{total})");
     } else {
         println!("lab: connectivity INCOMPLETE ({ok_count}/{total})");
-        for r in results.iter().filter(|r| !r.1) {
-            println!("  no reply: {} -> {}", r.2, r.3);
+        for (i, h) in hosts.iter().enumerate() {
+            if h.addrs.is_empty() {
+                println!(
+                    "  {}: its containers have no address (the host is not READY)",
+                    h.name
+                );
+            }
+            for r in results
+                .iter()
+                .filter(|r| r.0 == i && !r.1 && !r.2.is_unspecified())
+            {
+                println!("  no reply: {} -> {}", r.2, r.3);
+            }
         }
         for (i, a) in agents.iter_mut().enumerate() {
             if let Some(st) = a.exited() {
