@@ -873,32 +873,77 @@ fn run_lab(args: &LabArgs, flanneld: &Path, xtask: &Path, dir: &Path) -> Result<
     Ok(full)
 }
 
-/// Refreshes the per-peer counters every 2 s until Ctrl-C.
+/// Refreshes the per-peer counters every 2 s until Ctrl-C, with the byte rates since the
+/// previous refresh.
 fn live(flanneld: &Path, hosts: &[Host], rows: &[Row]) {
     let tty = std::io::stdout().is_terminal();
+    let mut hint = vec!["Try it, from another shell:".to_owned()];
+    let from = hosts.first().and_then(|a| a.containers.first());
+    if let (Some(c), Some(to)) = (from, hosts.last().and_then(|b| b.addrs.last())) {
+        hint.push(format!("  ip netns exec {} ping {to}", c.name));
+    }
+    for h in hosts {
+        for (c, addr) in h.containers.iter().zip(&h.addrs) {
+            hint.push(format!("  {:<20} {addr}", c.name));
+        }
+    }
+    let mut prev: std::collections::HashMap<(String, String), (u64, u64)> =
+        std::collections::HashMap::new();
+    if !tty {
+        for l in &hint {
+            println!("{l}");
+        }
+        println!();
+    }
+    let mut last = Instant::now();
     while !interrupted() {
+        let secs = last.elapsed().as_secs_f64().max(0.001);
+        last = Instant::now();
         if tty {
             print!("\x1b[2J\x1b[H");
             print_table(rows);
             println!();
+            for l in &hint {
+                println!("{l}");
+            }
+            println!();
         }
         println!(
-            "{:<5} {:<15} {:<12} {:>10} {:>12} {:>10} {:>12}",
-            "host", "peer subnet", "peer IP", "tx pkts", "tx bytes", "rx pkts", "rx bytes"
+            "{:<5} {:<15} {:<12} {:>9} {:>11} {:>10} {:>9} {:>11} {:>10}",
+            "host",
+            "peer subnet",
+            "peer IP",
+            "tx pkts",
+            "tx bytes",
+            "tx B/s",
+            "rx pkts",
+            "rx bytes",
+            "rx B/s"
         );
         for h in hosts {
             let st = status(flanneld, &h.subnet_file).unwrap_or_default();
             for p in st["peers"].as_array().into_iter().flatten() {
                 let num = |k: &str| p[k].as_u64().unwrap_or(0);
+                let (tx, rx) = (num("tx_bytes"), num("rx_bytes"));
+                let key = (h.name.clone(), str_of(p, "subnet"));
+                let (ptx, prx) = prev.insert(key, (tx, rx)).unwrap_or((tx, rx));
+                let rate = |now: u64, before: u64| {
+                    // Whole bytes per second are all a human reads here.
+                    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+                    let r = (now.saturating_sub(before) as f64 / secs) as u64;
+                    r
+                };
                 println!(
-                    "{:<5} {:<15} {:<12} {:>10} {:>12} {:>10} {:>12}",
+                    "{:<5} {:<15} {:<12} {:>9} {:>11} {:>10} {:>9} {:>11} {:>10}",
                     h.name,
                     str_of(p, "subnet"),
                     str_of(p, "public_ip"),
                     num("tx_packets"),
-                    num("tx_bytes"),
+                    tx,
+                    rate(tx, ptx),
                     num("rx_packets"),
-                    num("rx_bytes"),
+                    rx,
+                    rate(rx, prx),
                 );
             }
         }
