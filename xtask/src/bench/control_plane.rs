@@ -97,8 +97,9 @@ mod sim {
 
     /// Agents sharing one etcd connection.
     const AGENTS_PER_CONN: usize = 50;
-    /// Agents acquiring at the same time: a herd of thousands of simultaneous joiners
-    /// on a small machine times out listings (10 s) rather than measuring anything.
+    /// Agents acquiring (and managers doing their first listing) at the same time: a herd
+    /// of thousands of simultaneous joiners on a small machine times out listings (10 s)
+    /// and holds thousands of full listings in memory at once.
     const JOIN_CONCURRENCY: usize = 250;
     /// New leases written to measure propagation.
     const PROBES: usize = 5;
@@ -262,6 +263,16 @@ mod sim {
         RpcCounts::default().snapshot().map(|(k, _)| k)
     }
 
+    struct AbortOnDrop(
+        tokio::task::JoinHandle<Result<(), flannel_agent::subnet::manager::ManagerError>>,
+    );
+
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
     struct Scale {
         agents: usize,
         /// Acquires that gave up (too many conflicts) and were run again.
@@ -349,19 +360,25 @@ mod sim {
         let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Ipv4Addr, Instant)>();
         let (snap_tx, mut snap_rx) = mpsc::unbounded_channel::<usize>();
         let start = Instant::now();
-        let mut managers = JoinSet::new();
+        let mut managers: JoinSet<()> = JoinSet::new();
+        let starting = Arc::new(tokio::sync::Semaphore::new(JOIN_CONCURRENCY));
         for (i, reg, spec, lease) in acquired {
             let (tx, mut rx) = mpsc::channel(64);
-            managers.spawn(Manager::new(reg, spec, lease, tx).run());
             let seen_tx = seen_tx.clone();
             let snap_tx = snap_tx.clone();
+            let starting = Arc::clone(&starting);
             managers.spawn(async move {
+                // Held until the first snapshot: bounds the full listings in flight.
+                let mut permit = Some(starting.acquire_owned().await.expect("never closed"));
+                let manager = tokio::spawn(Manager::new(reg, spec, lease, tx).run());
+                let _abort = AbortOnDrop(manager);
                 let mut first = true;
                 while let Some(ev) = rx.recv().await {
                     let now = Instant::now();
                     match ev {
                         ManagerEvent::Snapshot(_) if first => {
                             first = false;
+                            drop(permit.take());
                             let _ = snap_tx.send(i);
                         }
                         ManagerEvent::Peers(evs) => {
@@ -376,7 +393,6 @@ mod sim {
                         _ => {}
                     }
                 }
-                Ok(())
             });
         }
         for _ in 0..m {
@@ -595,7 +611,7 @@ mod sim {
              are tokio tasks in one process running flanneld's own `acquire()` and \
              `Manager::run()` (no dataplane), {AGENTS_PER_CONN} agents per etcd connection; \
              all agents start together, at most {JOIN_CONCURRENCY} in `acquire()` at once; \
-             then all managers start together. \
+             then all managers start, at most {JOIN_CONCURRENCY} before their first snapshot. \
              Machine: {} CPUs. Release build.\n",
             std::thread::available_parallelism().map_or(0, usize::from)
         );
