@@ -20,7 +20,7 @@ mod chart;
 mod control_plane;
 mod measure;
 mod report;
-mod rows;
+pub(crate) mod rows;
 mod topo;
 
 use std::{

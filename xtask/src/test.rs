@@ -3,8 +3,9 @@
 //! Order matters: the BPF object first (flanneld embeds it at compile time), then
 //! `cargo build --bins` (integration tests run the `flanneld` binary, which `cargo test`
 //! does not build for another crate's tests), then `cargo test`. Under `CI=true` anything
-//! that would make tests skip is an error here already. Last, `lab --once` brings up the
-//! 3-host lab, and nothing of it may remain afterwards.
+//! that would make tests skip is an error here already. Then `lab --once` brings up the
+//! 3-host lab, and nothing of it may remain afterwards; last, `bench --quick` must report
+//! every row.
 
 use anyhow::{Result, bail};
 
@@ -58,6 +59,31 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
         ])
         .args(cargo_args))?;
     lab_once()?;
+    bench_quick()?;
+    Ok(())
+}
+
+/// `cargo xtask bench --quick`: its report must have every row, measured or with the
+/// reason it is unavailable. Nothing asserts speed.
+fn bench_quick() -> Result<()> {
+    if !is_root() {
+        eprintln!("warning: not root: cargo xtask bench --quick is skipped");
+        return Ok(());
+    }
+    let dir = tempfile::Builder::new().prefix("flbench-ci-").tempdir()?;
+    run(std::process::Command::new("/proc/self/exe")
+        .args(["bench", "--quick", "--offloads", "on", "--out"])
+        .arg(dir.path()))?;
+    let report = std::fs::read_to_string(dir.path().join("report.md"))?;
+    let missing: Vec<&str> = crate::bench::rows::Row::ALL
+        .iter()
+        .map(|r| r.name())
+        .filter(|name| !report.contains(&format!("| {name} |")))
+        .collect();
+    if !missing.is_empty() {
+        bail!("the bench report lacks rows: {}", missing.join(", "));
+    }
+    eprintln!("bench --quick: every row reported");
     Ok(())
 }
 
