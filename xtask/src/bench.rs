@@ -206,10 +206,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // A private copy: a rebuild of xtask during the run must not pull the binary that
     // the readiness checks run (`xtask http-get`) from under us.
     let xtask = dir.path().join("xtask");
-    fs::copy(
-        std::env::current_exe().context("locate the xtask binary")?,
-        &xtask,
-    )?;
+    // /proc/self/exe, not current_exe(): the file we started from may have been
+    // replaced by a rebuild (cargo xtask test rebuilds before it runs the bench).
+    fs::copy("/proc/self/exe", &xtask).context("copy the running xtask binary")?;
 
     let results = {
         let ul = Underlay::new(dir.path())?;
