@@ -28,7 +28,6 @@ use std::{
     fs,
     io::Write as _,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -102,33 +101,7 @@ impl OffloadsArg {
     }
 }
 
-/// Set by the Ctrl-C/SIGTERM handler; every wait checks it, so the guards unwind.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn interrupted() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
-
-/// Polls `f` every 200 ms until it yields, `timeout` passes, or we are interrupted.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<Option<T>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if interrupted() {
-            bail!("interrupted while waiting for {what}");
-        }
-        if let Some(v) = f() {
-            return Ok(Some(v));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
+pub(crate) use crate::netns::{interrupted, wait_for};
 
 /// The settings of one run, resolved from the flags.
 struct Plan {
@@ -194,8 +167,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let plan = Plan::from_args(args);
     setup::setup()?;
-    ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst))
-        .context("install the Ctrl-C handler")?;
+    crate::netns::on_ctrl_c()?;
     topo::clean_leftovers()?;
     warn_if_busy();
     // Taken before the build: flanneld is built from the tree as it is now.

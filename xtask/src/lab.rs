@@ -16,10 +16,8 @@ use std::{
     fs,
     io::IsTerminal,
     net::Ipv4Addr,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -27,8 +25,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    ebpf, setup,
-    util::{BpffsMount, cargo, is_root, output, run, show, target_dir, which},
+    ebpf,
+    netns::{Ns, Proc, interrupted, kill_and_delete, wait_for},
+    setup,
+    util::{BpffsMount, cargo, is_root, output, run, target_dir, which},
 };
 
 /// Every namespace, temp dir and bpffs mount of the lab starts with this.
@@ -37,13 +37,6 @@ const UNDERLAY: &str = "10.97.0";
 const ETCD_PREFIX: &str = "/coreos.com/network";
 const NETWORK: &str = "10.5.0.0/16";
 const HEALTHZ_PORT: u16 = 8471;
-
-/// Set by the Ctrl-C/SIGTERM handler; every wait checks it, so the guards unwind.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn interrupted() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
 
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -154,8 +147,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
             );
         }
     }
-    ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst))
-        .context("install the Ctrl-C handler")?;
+    crate::netns::on_ctrl_c()?;
     match ebpf::toolchain().and_then(|tc| ebpf::build(&tc)) {
         Ok(obj) => eprintln!("lab: BPF object {}", obj.display()),
         Err(e) if args.dataplane == Dataplane::Ebpf => {
@@ -357,122 +349,13 @@ fn down() -> Result<()> {
     Ok(())
 }
 
-/// Kills whatever runs in namespace `name`, then deletes it.
-fn kill_and_delete(name: &str) {
-    for _ in 0..50 {
-        let pids = output(Command::new("ip").args(["netns", "pids", name])).unwrap_or_default();
-        if pids.trim().is_empty() {
-            break;
-        }
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .args(pids.split_whitespace())
-            .stderr(Stdio::null())
-            .status();
-        thread::sleep(Duration::from_millis(20));
-    }
-    let _ = Command::new("ip").args(["netns", "del", name]).status();
-}
-
-/// A network namespace of this run; processes inside are killed and it is deleted on drop.
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    fn new(role: &str) -> Result<Ns> {
-        let name = format!("{PREFIX}{role}-{}", std::process::id());
-        output(Command::new("ip").args(["netns", "add", &name])).with_context(|| {
-            format!("cannot create namespace {name}; if it is in use, run `cargo xtask lab down`")
-        })?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<String> {
-        output(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        kill_and_delete(&self.name);
-    }
-}
-
-/// A process logging to a file; SIGTERM, then SIGKILL after 5 s, on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let file = fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            // Its own process group: the terminal's Ctrl-C reaches only us.
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {}", show(&cmd)))?;
-        Ok(Proc { child, log })
-    }
-
-    fn log(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.exited().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `f` every 200 ms until it yields, `timeout` passes, or we are interrupted.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<Option<T>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if interrupted() {
-            bail!("interrupted while waiting for {what}");
-        }
-        if let Some(v) = f() {
-            return Ok(Some(v));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+/// A namespace of this lab; a name in use means a killed run's leftovers.
+fn lab_ns(role: &str) -> Result<Ns> {
+    Ns::new(PREFIX, role).with_context(|| {
+        format!(
+            "cannot create namespace {PREFIX}{role}-*; if it is in use, run `cargo xtask lab down`"
+        )
+    })
 }
 
 /// One host: its namespace, its containers, its flanneld's files.
@@ -556,7 +439,7 @@ fn ping(from: &Ns, to: Ipv4Addr) -> bool {
 
 fn build_host(ul: &Ns, i: u16, containers: u16, dir: &Path) -> Result<Host> {
     let name = format!("h{i}");
-    let ns = Ns::new(&name)?;
+    let ns = lab_ns(&name)?;
     let ip = format!("{UNDERLAY}.{}", i + 1);
     let port = format!("p{i}");
     ns.ip(&[
@@ -571,7 +454,7 @@ fn build_host(ul: &Ns, i: u16, containers: u16, dir: &Path) -> Result<Host> {
     ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
     let mut cs = Vec::new();
     for j in 1..=containers {
-        let c = Ns::new(&format!("h{i}c{j}"))?;
+        let c = lab_ns(&format!("h{i}c{j}"))?;
         let veth = format!("vc{j}");
         ns.ip(&[
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &c.name,
@@ -668,7 +551,7 @@ fn run_lab(args: &LabArgs, flanneld: &Path, xtask: &Path, dir: &Path) -> Result<
 
     // Declaration order is teardown order reversed: flanneld, etcd, hosts with their
     // containers, the bpffs, the underlay.
-    let ul = Ns::new("ul")?;
+    let ul = lab_ns("ul")?;
     ul.ip(&["link", "add", "br0", "type", "bridge"])?;
     ul.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
     ul.ip(&["link", "set", "br0", "up"])?;

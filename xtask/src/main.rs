@@ -16,6 +16,7 @@
 mod bench;
 mod ebpf;
 mod lab;
+mod netns;
 mod setup;
 mod smoke;
 mod test;

@@ -15,17 +15,15 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
-    thread,
-    time::{Duration, Instant},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use std::os::unix::process::CommandExt;
 
 use crate::{
+    netns::{Ns, Proc, wait_for},
     setup,
     util::{cargo, is_root, output, run, target_dir},
 };
@@ -36,9 +34,6 @@ const NETWORK_CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxla
 const HEALTHZ_PORT: u16 = 8471;
 const HOSTS: usize = 2;
 
-/// Set by the Ctrl-C/SIGTERM handler; every wait loop checks it, so the guards unwind.
-static STOP: AtomicBool = AtomicBool::new(false);
-
 pub fn smoke() -> Result<()> {
     if !is_root() {
         bail!(
@@ -47,8 +42,7 @@ pub fn smoke() -> Result<()> {
         );
     }
     setup::setup()?;
-    ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst))
-        .context("install the Ctrl-C handler")?;
+    crate::netns::on_ctrl_c()?;
     run(cargo().args(["build", "--bin", "flanneld"]))?;
     let flanneld = target_dir().join("debug/flanneld");
     let xtask = std::env::current_exe().context("locate the xtask binary")?;
@@ -58,121 +52,6 @@ pub fn smoke() -> Result<()> {
         Ok(())
     } else {
         bail!("smoke: FAIL")
-    }
-}
-
-/// A network namespace; processes inside are killed and the namespace deleted on drop.
-struct Ns {
-    name: String,
-}
-
-impl Ns {
-    fn new(role: &str) -> Result<Ns> {
-        let name = format!("flsmoke-{role}-{}", std::process::id());
-        output(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<String> {
-        output(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            let pids =
-                output(Command::new("ip").args(["netns", "pids", &self.name])).unwrap_or_default();
-            if pids.trim().is_empty() {
-                break;
-            }
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .args(pids.split_whitespace())
-                .stderr(Stdio::null())
-                .status();
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A process logging to a file; SIGTERM, then SIGKILL after 5 s, on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let file = fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            // Its own process group: the terminal's Ctrl-C reaches only us, and we stop
-            // the children in order.
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {}", crate::util::show(&cmd)))?;
-        Ok(Proc { child, log })
-    }
-
-    fn log(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.exited().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `f` every 200 ms until it yields, `timeout` passes, or we are interrupted.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<Option<T>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if STOP.load(Ordering::SeqCst) {
-            bail!("interrupted while waiting for {what}");
-        }
-        if let Some(v) = f() {
-            return Ok(Some(v));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -226,13 +105,13 @@ fn lease_public_ip(listing: &str, subnet: &str) -> Option<String> {
 fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
     // Declaration order is teardown order reversed: flanneld first, then etcd, then the
     // host namespaces, the underlay last.
-    let ul = Ns::new("ul")?;
+    let ul = Ns::new("flsmoke-", "ul")?;
     ul.ip(&["link", "add", "br0", "type", "bridge"])?;
     ul.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
     ul.ip(&["link", "set", "br0", "up"])?;
     let mut hosts = Vec::new();
     for i in 1..=HOSTS {
-        let ns = Ns::new(&format!("h{i}"))?;
+        let ns = Ns::new("flsmoke-", &format!("h{i}"))?;
         let ip = format!("{UNDERLAY}.{}", i + 1);
         let port = format!("ulp{i}");
         ns.ip(&[
@@ -409,7 +288,7 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
         });
     }
 
-    if STOP.load(Ordering::SeqCst) {
+    if crate::netns::interrupted() {
         bail!("interrupted");
     }
     println!();

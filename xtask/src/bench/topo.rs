@@ -7,8 +7,8 @@
 use std::{
     fs,
     os::unix::process::CommandExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -16,6 +16,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{interrupted, wait_for};
+pub use crate::netns::{Ns, Proc};
+use crate::netns::kill_and_delete;
 use crate::util::{output, show};
 
 /// Every namespace of a bench run starts with this.
@@ -23,65 +25,6 @@ pub const PREFIX: &str = "flbench-";
 /// The underlay /24; the bridge in the underlay namespace is `.1`, host `i` is `.(i+1)`.
 pub const UNDERLAY: &str = "10.98.0";
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
-
-/// A network namespace; processes inside are killed and the namespace deleted on drop.
-pub struct Ns {
-    pub name: String,
-}
-
-impl Ns {
-    pub fn new(role: &str) -> Result<Ns> {
-        let name = format!("{PREFIX}{role}-{}", std::process::id());
-        output(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// `ip -n NS ARGS`.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        output(Command::new("ip").args(["-n", &self.name]).args(args))
-    }
-
-    /// `PROGRAM` to be run inside the namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    /// Runs `PROGRAM ARGS` inside and returns its stdout.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
-        output(self.command(program).args(args))
-    }
-
-    pub fn sysctl(&self, key_value: &str) -> Result<()> {
-        self.exec("sysctl", &["-qw", key_value]).map(drop)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        kill_and_delete(&self.name);
-    }
-}
-
-/// Kills whatever runs in namespace `name`, then deletes it.
-fn kill_and_delete(name: &str) {
-    for _ in 0..50 {
-        let pids = output(Command::new("ip").args(["netns", "pids", name])).unwrap_or_default();
-        if pids.trim().is_empty() {
-            break;
-        }
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .args(pids.split_whitespace())
-            .stderr(Stdio::null())
-            .status();
-        thread::sleep(Duration::from_millis(20));
-    }
-    let _ = Command::new("ip").args(["netns", "del", name]).status();
-}
 
 /// Leftover `flbench-` namespaces: those of a dead run are cleaned, a live run's are an
 /// error (two runs at once would measure each other).
@@ -107,54 +50,6 @@ pub fn clean_leftovers() -> Result<()> {
 /// True when process `pid` exists and is an xtask (so a recycled pid does not block us).
 fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("xtask"))
-}
-
-/// A process logging to a file; SIGTERM, then SIGKILL after 5 s, on drop.
-pub struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let file = fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            // Its own process group: the terminal's Ctrl-C reaches only us, and we stop
-            // the children in order.
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {}", show(&cmd)))?;
-        Ok(Proc { child, log })
-    }
-
-    pub fn log(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.exited().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs a short-lived command to completion with its stdout in `out_file`, giving up after
@@ -214,7 +109,7 @@ pub struct Underlay {
 
 impl Underlay {
     pub fn new(dir: &Path) -> Result<Underlay> {
-        let ns = Ns::new("ul")?;
+        let ns = Ns::new(PREFIX, "ul")?;
         ns.ip(&["link", "add", "br0", "type", "bridge"])?;
         ns.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
@@ -276,7 +171,7 @@ pub struct Host {
 /// bridge `cni0` with a veth `veth0` to the container's `eth0`, forwarding on. The
 /// addresses behind `cni0` depend on the row's subnet, see [`Host::attach_container`].
 pub fn host(ul: &Underlay, i: usize, row: usize) -> Result<Host> {
-    let ns = Ns::new(&format!("h{i}"))?;
+    let ns = Ns::new(PREFIX, &format!("h{i}"))?;
     let ip = format!("{UNDERLAY}.{}", i + 1);
     // Unique per row: the previous row's port may linger while the kernel destroys its
     // namespace asynchronously.
@@ -299,7 +194,7 @@ pub fn host(ul: &Underlay, i: usize, row: usize) -> Result<Host> {
     ul.ns.ip(&["link", "set", &port, "up"])?;
     ns.sysctl("net.ipv4.ip_forward=1")?;
     ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
-    let container = Ns::new(&format!("c{i}"))?;
+    let container = Ns::new(PREFIX, &format!("c{i}"))?;
     ns.ip(&[
         "link",
         "add",
