@@ -13,7 +13,7 @@ use flannel_common::maps::reason;
 
 use crate::{
     maps::FLANNEL_PEER_COUNTERS,
-    parse::{Eth, Ipv4},
+    parse::{ETH_LEN, Eth, IPV4_LEN, Ipv4, Udp, ensure_linear, read},
 };
 
 /// Error value of the `try_*` functions for packets that are none of our business
@@ -29,6 +29,39 @@ const SRC_PORT_MIN: u32 = 32768;
 const SRC_PORT_MAX: u32 = 60999;
 /// TTL of outer IPv4 headers, as the kernel's vxlan driver and flanneld's socket use.
 pub const OUTER_TTL: u8 = 64;
+
+/// The checks both decap programs start with: an unfragmented IPv4 (IHL 5) UDP packet
+/// to `public_ip_be`:`port_be`, with `headers_len` bytes made linear. Returns its outer
+/// IPv4 and UDP headers; `Err(NOT_OURS)` for anything else addressed elsewhere.
+#[inline(always)]
+pub fn outer_udp_for_us(
+    ctx: &TcContext,
+    public_ip_be: u32,
+    port_be: u16,
+    headers_len: usize,
+) -> Result<(Ipv4, Udp), u32> {
+    ensure_linear(ctx, ETH_LEN + IPV4_LEN);
+    let eth: Eth = read(ctx, 0).ok_or(NOT_OURS)?;
+    if eth.proto != ETH_P_IP {
+        return Err(NOT_OURS);
+    }
+    let ip: Ipv4 = read(ctx, ETH_LEN).ok_or(NOT_OURS)?;
+    if ip.proto != IPPROTO_UDP || u32::from_ne_bytes(ip.dst) != public_ip_be {
+        return Err(NOT_OURS);
+    }
+    if ip.vihl != 0x45 {
+        return Err(reason::PASS_BAD_HEADER);
+    }
+    if is_fragment(&ip) {
+        return Err(reason::PASS_FRAGMENT);
+    }
+    ensure_linear(ctx, headers_len);
+    let udp: Udp = read(ctx, ETH_LEN + IPV4_LEN).ok_or(reason::PASS_BAD_HEADER)?;
+    if u16::from_ne_bytes(udp.dst) != port_be {
+        return Err(NOT_OURS);
+    }
+    Ok((ip, udp))
+}
 
 #[inline(always)]
 pub fn is_fragment(ip: &Ipv4) -> bool {

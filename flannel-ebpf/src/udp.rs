@@ -49,11 +49,12 @@ use crate::{
     csum,
     maps::{FLANNEL_PEERS, FLANNEL_SOURCES, FLANNEL_UDP_CONFIG},
     parse::{
-        ETH_LEN, Eth, IPV4_LEN, IPV4_TTL_AT, Ipv4, UDP_DECAP_HEADERS_LEN, UDP_ENCAP_LEN, Udp,
+        ETH_LEN, Eth, IPV4_LEN, IPV4_TTL_AT, Ipv4, UDP_DECAP_HEADERS_LEN, UDP_ENCAP_LEN,
         ensure_linear, read, write,
     },
     tunnel::{
-        ETH_P_IP, Flow, IPPROTO_UDP, NOT_OURS, OUTER_TTL, Route, count_peer, is_fragment, src_port,
+        ETH_P_IP, Flow, IPPROTO_UDP, NOT_OURS, OUTER_TTL, Route, count_peer, outer_udp_for_us,
+        src_port,
     },
 };
 
@@ -213,27 +214,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
 #[inline(always)]
 pub fn try_decap(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config().ok_or(NOT_OURS)?;
-    ensure_linear(ctx, ETH_LEN + IPV4_LEN);
-    let eth: Eth = read(ctx, 0).ok_or(NOT_OURS)?;
-    if eth.proto != ETH_P_IP {
-        return Err(NOT_OURS);
-    }
-    let ip: Ipv4 = read(ctx, ETH_LEN).ok_or(NOT_OURS)?;
-    if ip.proto != IPPROTO_UDP || u32::from_ne_bytes(ip.dst) != cfg.public_ip_be {
-        return Err(NOT_OURS);
-    }
-    if ip.vihl != 0x45 {
-        return Err(reason::PASS_BAD_HEADER);
-    }
-    if is_fragment(&ip) {
-        return Err(reason::PASS_FRAGMENT);
-    }
-    ensure_linear(ctx, UDP_DECAP_HEADERS_LEN);
-    let udp_at = ETH_LEN + IPV4_LEN;
-    let udp: Udp = read(ctx, udp_at).ok_or(reason::PASS_BAD_HEADER)?;
-    if u16::from_ne_bytes(udp.dst) != cfg.port_be {
-        return Err(NOT_OURS);
-    }
+    let (ip, udp) = outer_udp_for_us(ctx, cfg.public_ip_be, cfg.port_be, UDP_DECAP_HEADERS_LEN)?;
     let outer_len = ctx.len() - ETH_LEN as u32;
     let ip_len = u32::from(u16::from_be_bytes(ip.tot_len));
     let udp_len = u32::from(u16::from_be_bytes(udp.len));

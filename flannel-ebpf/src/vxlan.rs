@@ -44,11 +44,12 @@ use crate::{
     csum,
     maps::{FLANNEL_CONFIG, FLANNEL_PEERS, FLANNEL_SOURCES},
     parse::{
-        DECAP_HEADERS_LEN, ENCAP_LEN, ETH_LEN, Eth, IPV4_LEN, Ipv4, UDP_LEN, Udp, Vxlan,
-        ensure_linear, read, write,
+        DECAP_HEADERS_LEN, ENCAP_LEN, ETH_LEN, Eth, IPV4_LEN, Ipv4, UDP_LEN, Vxlan, ensure_linear,
+        read, write,
     },
     tunnel::{
-        ETH_P_IP, Flow, IPPROTO_UDP, NOT_OURS, OUTER_TTL, Route, count_peer, is_fragment, src_port,
+        ETH_P_IP, Flow, IPPROTO_UDP, NOT_OURS, OUTER_TTL, Route, count_peer, is_fragment,
+        outer_udp_for_us, src_port,
     },
 };
 
@@ -204,27 +205,8 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
 #[inline(always)]
 pub fn try_decap(ctx: &TcContext) -> Result<i32, u32> {
     let cfg = config().ok_or(NOT_OURS)?;
-    ensure_linear(ctx, ETH_LEN + IPV4_LEN);
-    let eth: Eth = read(ctx, 0).ok_or(NOT_OURS)?;
-    if eth.proto != ETH_P_IP {
-        return Err(NOT_OURS);
-    }
-    let ip: Ipv4 = read(ctx, ETH_LEN).ok_or(NOT_OURS)?;
-    if ip.proto != IPPROTO_UDP || u32::from_ne_bytes(ip.dst) != cfg.public_ip_be {
-        return Err(NOT_OURS);
-    }
-    if ip.vihl != 0x45 {
-        return Err(reason::PASS_BAD_HEADER);
-    }
-    if is_fragment(&ip) {
-        return Err(reason::PASS_FRAGMENT);
-    }
-    ensure_linear(ctx, DECAP_HEADERS_LEN);
+    let (ip, udp) = outer_udp_for_us(ctx, cfg.public_ip_be, cfg.port_be, DECAP_HEADERS_LEN)?;
     let udp_at = ETH_LEN + IPV4_LEN;
-    let udp: Udp = read(ctx, udp_at).ok_or(reason::PASS_BAD_HEADER)?;
-    if u16::from_ne_bytes(udp.dst) != cfg.port_be {
-        return Err(NOT_OURS);
-    }
     let vxlan: Vxlan = read(ctx, udp_at + UDP_LEN).ok_or(reason::PASS_BAD_HEADER)?;
     if vxlan.flags != VXLAN_FLAGS_I || vxlan.vni[3] != 0 {
         return Err(reason::PASS_BAD_HEADER);
