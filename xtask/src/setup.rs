@@ -13,8 +13,11 @@ pub const PACKAGES: &[&str] = &[
     // etcd 3.4 (etcd, etcdctl) for the integration tests and the smoke run.
     "etcd-server",
     "etcd-client",
-    // etcd-client (the crate) runs protoc in its build script.
+    // etcd-client (the crate) runs protoc in its build script; the well-known types it
+    // imports (google/protobuf/descriptor.proto) are only in libprotobuf-dev, which
+    // `--no-install-recommends` does not pull in.
     "protobuf-compiler",
+    "libprotobuf-dev",
     // Namespaces, links, routes; firewall rules flanneld writes; measurements; debugging.
     "iproute2",
     "iptables",
