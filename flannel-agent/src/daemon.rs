@@ -267,7 +267,9 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
     info!(subnet = %lease.subnet(), reservation = lease.is_reservation(), "acquired lease");
 
     // Subscribed before the device exists, so no deletion can slip between the two.
-    let mut links = if backend.watches_links() {
+    let mut links = if backend.watches_addresses() {
+        Some(LinkMonitor::with_addresses()?)
+    } else if backend.watches_links() {
         Some(LinkMonitor::new()?)
     } else {
         None
@@ -374,7 +376,7 @@ async fn start(flags: &Flags, health: &Health) -> Result<(), DaemonError> {
             }
             ev = next_link_event(&mut links) => {
                 if let Err(e) = backend.link_event(&netlink, &ev).await {
-                    warn!(error = %e, "restoring the backend device failed, retrying at the next check");
+                    warn!(error = %e, "handling a link change failed, retrying at the next check");
                 }
             }
             _ = status_tick.tick() => publish(health, &base, &backend),

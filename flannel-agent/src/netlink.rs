@@ -602,12 +602,16 @@ pub enum LinkEvent {
         index: IfIndex,
         name: Option<String>,
     },
+    /// `RTM_NEWADDR` or `RTM_DELADDR` for IPv4, from a monitor made with
+    /// [`LinkMonitor::with_addresses`].
+    Address { index: IfIndex },
     /// The kernel dropped notifications (the socket buffer overflowed): the receiver must
     /// re-check whatever it watches.
     Overrun,
 }
 
-/// A subscription to link notifications (`RTNLGRP_LINK`), on its own socket.
+/// A subscription to link notifications (`RTNLGRP_LINK`, and `RTNLGRP_IPV4_IFADDR` when
+/// asked), on its own socket.
 #[derive(Debug)]
 pub struct LinkMonitor {
     messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
@@ -620,19 +624,34 @@ impl Drop for LinkMonitor {
     }
 }
 
+/// Multicast group bits (`RTMGRP_*`) of the legacy `bind` interface.
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+
 impl LinkMonitor {
     /// Subscribes in the caller's network namespace.
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub fn new() -> Result<Self, NetlinkError> {
-        const RTMGRP_LINK: u32 = 1;
+        Self::subscribe(RTMGRP_LINK)
+    }
+
+    /// Like [`LinkMonitor::new`], and IPv4 address changes as [`LinkEvent::Address`].
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn with_addresses() -> Result<Self, NetlinkError> {
+        Self::subscribe(RTMGRP_LINK | RTMGRP_IPV4_IFADDR)
+    }
+
+    fn subscribe(groups: u32) -> Result<Self, NetlinkError> {
         let (mut connection, _, messages) =
             rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         connection
             .socket_mut()
             .socket_mut()
-            .bind(&SocketAddr::new(0, RTMGRP_LINK))
+            .bind(&SocketAddr::new(0, groups))
             .map_err(NetlinkError::Socket)?;
         Ok(Self {
             messages,
@@ -655,6 +674,13 @@ impl LinkMonitor {
                     return Some(LinkEvent::Deleted {
                         index: l.header.index,
                         name: link_name(&l),
+                    });
+                }
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a),
+                ) => {
+                    return Some(LinkEvent::Address {
+                        index: a.header.index,
                     });
                 }
                 NetlinkPayload::Overrun(_) => return Some(LinkEvent::Overrun),

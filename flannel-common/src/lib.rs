@@ -16,7 +16,9 @@ pub use maps::Counters;
 ///
 /// 2: `reason::PASS_TTL_EXPIRED` (one more [`MAP_REASONS`] slot) and the udp backend's
 /// [`MAP_UDP_CONFIG`].
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: `reason::PASS_NO_NEIGH` (one more [`MAP_REASONS`] slot) and the host-gw backend's
+/// [`MAP_HOSTGW_CONFIG`].
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Per-CPU array of [`Counters`], indexed by [`maps::StatsKey`].
 ///
@@ -45,6 +47,11 @@ pub const MAP_REASONS: &str = "FLANNEL_REASONS";
 /// the agent pins the udp set in a directory of its own, so the two never share state.
 pub const MAP_UDP_CONFIG: &str = "FLANNEL_UDP_CONFIG";
 
+/// Array with one [`maps::HostGwConfig`]: this node for the host-gw backend's fast path,
+/// which shares the peer and counter map types with the tunnel paths
+/// ([`HOSTGW_PINNED_MAPS`]) and, like the udp path, pins its set in a directory of its own.
+pub const MAP_HOSTGW_CONFIG: &str = "FLANNEL_HOSTGW_CONFIG";
+
 /// The TC classifier that counts packets into [`MAP_STATS`].
 pub const PROG_STATS: &str = "flannel_stats";
 
@@ -59,6 +66,13 @@ pub const PROG_UDP_ENCAP: &str = "flannel_udp_encap";
 
 /// flannel-udp decapsulation, at TC ingress of the underlay (external) interface.
 pub const PROG_UDP_DECAP: &str = "flannel_udp_decap";
+
+/// host-gw forwarding from local pods to peers, at TC ingress of the pod-facing devices
+/// (the bridge that holds the lease subnet's gateway address, e.g. `cni0` or `docker0`).
+pub const PROG_HOSTGW_TO_PEER: &str = "flannel_hostgw_to_peer";
+
+/// host-gw forwarding from peers to local pods, at TC ingress of the underlay.
+pub const PROG_HOSTGW_FROM_PEER: &str = "flannel_hostgw_from_peer";
 
 /// Every map the BPF object must contain, with its key and value sizes in bytes.
 pub const MAPS: &[(&str, u32, u32)] = &[
@@ -97,6 +111,11 @@ pub const MAPS: &[(&str, u32, u32)] = &[
         core::mem::size_of::<u32>() as u32,
         core::mem::size_of::<maps::UdpConfig>() as u32,
     ),
+    (
+        MAP_HOSTGW_CONFIG,
+        core::mem::size_of::<u32>() as u32,
+        core::mem::size_of::<maps::HostGwConfig>() as u32,
+    ),
 ];
 
 /// The maps the vxlan fast path pins and adopts across restarts (all of [`MAPS`] but the
@@ -119,6 +138,17 @@ pub const UDP_PINNED_MAPS: &[&str] = &[
     MAP_REASONS,
 ];
 
+/// The maps the host-gw fast path pins and adopts across restarts: its own
+/// configuration and the peer, source and counter maps it shares in type with the tunnel
+/// paths.
+pub const HOSTGW_PINNED_MAPS: &[&str] = &[
+    MAP_HOSTGW_CONFIG,
+    MAP_PEERS,
+    MAP_SOURCES,
+    MAP_PEER_COUNTERS,
+    MAP_REASONS,
+];
+
 /// Every program the BPF object must contain.
 pub const PROGRAMS: &[&str] = &[
     PROG_STATS,
@@ -126,4 +156,6 @@ pub const PROGRAMS: &[&str] = &[
     PROG_DECAP,
     PROG_UDP_ENCAP,
     PROG_UDP_DECAP,
+    PROG_HOSTGW_TO_PEER,
+    PROG_HOSTGW_FROM_PEER,
 ];

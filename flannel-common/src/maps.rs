@@ -126,6 +126,34 @@ const _: () = assert!(core::mem::align_of::<UdpConfig>() == 4);
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for UdpConfig {}
 
+/// This node as the host-gw fast path sees it; the only entry (key 0) of
+/// [`crate::MAP_HOSTGW_CONFIG`]. Same conventions as [`Config`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostGwConfig {
+    /// Our PublicIP, the address of the underlay interface peers route our subnet to.
+    pub public_ip_be: u32,
+    /// Our lease subnet's network address: only destinations in it are delivered from
+    /// peers, only sources in it are forwarded to peers.
+    pub subnet_be: u32,
+    /// Our lease subnet's netmask.
+    pub subnet_mask_be: u32,
+    /// The underlay (external) interface: where traffic to peers leaves, where
+    /// traffic from peers arrives.
+    pub underlay_ifindex: u32,
+    /// [`FLAG_PEERS_SYNCED`] and future bits.
+    pub flags: u32,
+    /// Padding; always zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<HostGwConfig>() == 24);
+const _: () = assert!(core::mem::align_of::<HostGwConfig>() == 4);
+
+// SAFETY: `#[repr(C)]`, six `u32` fields, no padding (size check above).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for HostGwConfig {}
+
 /// Key of [`crate::MAP_PEERS`], an LPM trie: the layout of aya's `lpm_trie::Key<u32>`
 /// (prefix length in bits, then the network-order address).
 #[repr(C)]
@@ -244,7 +272,8 @@ pub mod reason {
     /// Decap: a GSO aggregate (`gso_size != 0`), which cannot be stripped correctly.
     pub const PASS_GSO: u32 = 5;
     /// Encap: a non-GSO packet too big for the underlay once encapsulated, or the route
-    /// to the peer says so; the kernel fragments.
+    /// to the peer says so; the kernel fragments. host-gw: too big for the outgoing
+    /// device; the kernel fragments or sends ICMP.
     pub const PASS_OVERSIZE: u32 = 6;
     /// A header is truncated or malformed (outer IHL != 5, VXLAN flags, lengths).
     pub const PASS_BAD_HEADER: u32 = 7;
@@ -262,16 +291,21 @@ pub mod reason {
     pub const PASS_NOT_SYNCED: u32 = 13;
     /// No configuration written yet.
     pub const PASS_NO_CONFIG: u32 = 14;
-    /// Encap: the route to the peer's PublicIP is not a usable unicast route.
+    /// Encap: the route to the peer's PublicIP is not a usable unicast route. host-gw:
+    /// the FIB does not forward the packet the way the peer's lease says (another route,
+    /// a local or broadcast destination, forwarding disabled).
     pub const PASS_NO_ROUTE: u32 = 15;
     /// Decap: VXLAN to our address and port with another VNI.
     pub const PASS_OTHER_VNI: u32 = 16;
-    /// udp backend: the inner TTL would reach zero with flanneld's decrement (flanneld
-    /// discards such packets; the userspace path decides).
+    /// The TTL would reach zero with our decrement: the kernel (or, on the udp backend,
+    /// flanneld's userspace path) decides, and sends ICMP time exceeded.
     pub const PASS_TTL_EXPIRED: u32 = 17;
+    /// host-gw: the next hop's MAC is not resolved yet; the kernel resolves it (and
+    /// forwards this packet), so the following ones take the fast path.
+    pub const PASS_NO_NEIGH: u32 = 18;
 
     /// Number of reasons: the size of [`crate::MAP_REASONS`].
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Each reason's name, indexed by its number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -293,6 +327,7 @@ pub mod reason {
         "pass_no_route",
         "pass_other_vni",
         "pass_ttl_expired",
+        "pass_no_neigh",
     ];
 
     /// True for the reasons whose packets are dropped.

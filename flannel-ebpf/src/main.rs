@@ -7,17 +7,23 @@
 //!   backend's TUN `flannel0`;
 //! - `flannel_udp_decap` (`flannel_common::PROG_UDP_DECAP`): TC ingress of the underlay,
 //!   for the udp backend;
+//! - `flannel_hostgw_to_peer` (`flannel_common::PROG_HOSTGW_TO_PEER`): TC ingress of the
+//!   pod-facing bridge, for the host-gw backend;
+//! - `flannel_hostgw_from_peer` (`flannel_common::PROG_HOSTGW_FROM_PEER`): TC ingress of
+//!   the underlay, for the host-gw backend;
 //! - `flannel_stats` (`flannel_common::PROG_STATS`): counts packets, for debugging.
 //!
 //! The policy for errors: a `try_*` returns `Err(reason)`; reasons that are drops
 //! (`flannel_common::maps::reason::is_drop`) end in `TC_ACT_SHOT`, every other one hands
 //! the packet, unchanged, to the kernel's own path with `TC_ACT_OK` (the vxlan driver,
-//! or the udp backend's userspace reader of `flannel0` and of its UDP socket). Both are
+//! the udp backend's userspace reader of `flannel0` and of its UDP socket, or the
+//! kernel's forwarding for host-gw). Both are
 //! counted per reason, so nothing is dropped silently.
 #![no_std]
 #![no_main]
 
 mod csum;
+mod hostgw;
 mod maps;
 mod parse;
 mod tunnel;
@@ -57,6 +63,18 @@ pub fn flannel_udp_encap(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn flannel_udp_decap(ctx: TcContext) -> i32 {
     verdict(udp::try_decap(&ctx))
+}
+
+/// Forwards host-gw traffic from local pods to peers, at TC ingress of the pod bridge.
+#[classifier]
+pub fn flannel_hostgw_to_peer(ctx: TcContext) -> i32 {
+    verdict(hostgw::try_to_peer(&ctx))
+}
+
+/// Forwards host-gw traffic from peers to local pods, at TC ingress of the underlay.
+#[classifier]
+pub fn flannel_hostgw_from_peer(ctx: TcContext) -> i32 {
+    verdict(hostgw::try_from_peer(&ctx))
 }
 
 /// The action for a `try_*` result, counting the reason of anything not forwarded.

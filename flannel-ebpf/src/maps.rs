@@ -4,7 +4,7 @@
 //! `flannel_common`; `tests/tests/ebpf_object.rs` fails if the two drift apart. None is
 //! pinned by the object itself: the agent chooses the pin paths (a versioned directory).
 //!
-//! The vxlan and the udp programs use the same peer, source and counter maps: each agent
+//! The vxlan, udp and host-gw programs use the same peer, source and counter maps: each agent
 //! attaches one pair and pins that pair's maps in a directory of its own, so a loaded
 //! object never carries both kinds of traffic in one map.
 
@@ -15,8 +15,8 @@ use aya_ebpf::{
 use flannel_common::{
     Counters,
     maps::{
-        Config, MAX_PEERS, Peer, PeerCounters, PeerSource, STATS_ENTRIES, SourceKey, UdpConfig,
-        reason,
+        Config, HostGwConfig, MAX_PEERS, Peer, PeerCounters, PeerSource, STATS_ENTRIES, SourceKey,
+        UdpConfig, reason,
     },
 };
 
@@ -31,6 +31,10 @@ pub static FLANNEL_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// `flannel_common::MAP_UDP_CONFIG`: this node for the udp programs (one entry, key 0).
 #[map(name = "FLANNEL_UDP_CONFIG")]
 pub static FLANNEL_UDP_CONFIG: Array<UdpConfig> = Array::with_max_entries(1, 0);
+
+/// `flannel_common::MAP_HOSTGW_CONFIG`: this node for the host-gw programs (key 0).
+#[map(name = "FLANNEL_HOSTGW_CONFIG")]
+pub static FLANNEL_HOSTGW_CONFIG: Array<HostGwConfig> = Array::with_max_entries(1, 0);
 
 /// `flannel_common::MAP_PEERS`: peer subnet (LPM, network-order `u32`) → peer.
 #[map(name = "FLANNEL_PEERS")]

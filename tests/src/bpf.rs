@@ -19,7 +19,7 @@ use aya::{
     programs::SchedClassifier,
 };
 use flannel_agent::{
-    dataplane::{FastPathConfig, Ipv4Net, UdpFastPath, VxlanFastPath},
+    dataplane::{FastPathConfig, HostGwFastPath, Ipv4Net, UdpFastPath, VxlanFastPath},
     mac::MacAddr,
 };
 use flannel_common::{
@@ -357,6 +357,16 @@ pub fn skb_ctx_with_gso(gso_size: u32, gso_segs: u32) -> Vec<u8> {
     ctx
 }
 
+/// A `struct __sk_buff` for `ctx_in` that makes test_run receive the frame on device
+/// `ifindex` (`eth_type_trans` against that device's MAC, `skb->ifindex`), with
+/// `gso_size` and `gso_segs` as given.
+pub fn skb_ctx_on(ifindex: u32, gso_size: u32, gso_segs: u32) -> Vec<u8> {
+    // uapi/linux/bpf.h: ifindex at 40.
+    let mut ctx = skb_ctx_with_gso(gso_size, gso_segs);
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 /// A fast path whose counters the tests read (the vxlan and the udp one).
 pub trait FastPathCounters {
     /// The per-peer counters by subnet.
@@ -366,6 +376,15 @@ pub trait FastPathCounters {
 }
 
 impl FastPathCounters for VxlanFastPath {
+    fn peer_list(&self) -> Vec<(Ipv4Net, PeerCounters)> {
+        self.peer_counters().expect("read counters")
+    }
+    fn reason_list(&self) -> Vec<(&'static str, u64)> {
+        self.drop_counters().expect("read reasons")
+    }
+}
+
+impl FastPathCounters for HostGwFastPath {
     fn peer_list(&self) -> Vec<(Ipv4Net, PeerCounters)> {
         self.peer_counters().expect("read counters")
     }

@@ -148,3 +148,127 @@ fn direct_routing_uses_plain_routes_for_on_link_peers() {
     assert!(ca.can_ping(cb.ip, Duration::from_secs(10)), "A→B ping");
     assert!(cb.can_ping(ca.ip, Duration::from_secs(10)), "B→A ping");
 }
+
+/// Traffic the pinned host-gw forwarder of `host` counted, over all peer slots, read
+/// from the pin (so it works while that host's flanneld is down): (tx, rx) packets.
+fn pinned_forwarded(host: &flannel_tests::OverlayHost) -> (u64, u64) {
+    use aya::maps::{MapData, PerCpuArray};
+    use flannel_common::{
+        LAYOUT_VERSION, MAP_PEER_COUNTERS,
+        maps::{MAX_PEERS, PeerCounters},
+    };
+    let pin = host
+        .pin_dir()
+        .join(format!("hostgw/v{LAYOUT_VERSION}/{MAP_PEER_COUNTERS}"));
+    let data = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let counters: PerCpuArray<_, PeerCounters> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("per-cpu array");
+    (0..MAX_PEERS)
+        .flat_map(|i| counters.get(&i, 0).expect("read counters").to_vec())
+        .fold((0, 0), |(tx, rx), c| (tx + c.tx_packets, rx + c.rx_packets))
+}
+
+/// `--dataplane=ebpf` on host-gw: an eBPF node and a kernel node (`auto`, which keeps
+/// kernel routing and says why) share a cluster; the forwarder carries pod traffic both
+/// ways next to flannel's routes, keeps forwarding while flanneld is killed, is adopted
+/// with its counters by the restarted flanneld, and lets go of a peer whose lease goes.
+#[test]
+fn host_gw_ebpf_forwarder_carries_pod_traffic_and_outlives_flanneld() {
+    let test = "host_gw_ebpf_forwarder_carries_pod_traffic_and_outlives_flanneld";
+    if !flannel_tests::require_ebpf(test) {
+        return;
+    }
+    let Some(c) = OverlayCluster::new(
+        test,
+        2,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    ) else {
+        return;
+    };
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let ((mut fa, sa), (mut fb, sb)) = c.start_two(&["--dataplane=ebpf"], &["--dataplane=auto"]);
+    fa.expect_log("eBPF host-gw forwarder attached", Duration::from_secs(5));
+    let st = b.status();
+    assert_eq!(st["dataplane"], "kernel", "{st}");
+    assert!(
+        st["refused"].to_string().contains("netfilter"),
+        "auto says why it keeps kernel routing: {st}"
+    );
+    // The routes are flannel's, whatever the dataplane.
+    wait_route(&a.ns, &format!("{sb} via {} dev eth0", b.ip), CONVERGE);
+    wait_route(&b.ns, &format!("{sa} via {} dev eth0", a.ip), CONVERGE);
+
+    // The pod bridges appear after flanneld, as Docker's would; A attaches to its own.
+    let ca = Container::new(a, &sa);
+    let cb = Container::new(b, &sb);
+    fa.expect_log(
+        "eBPF host-gw forwarder: pod devices",
+        Duration::from_secs(15),
+    );
+    assert!(ca.can_ping(cb.ip, Duration::from_secs(10)), "A→B ping");
+    assert!(cb.can_ping(ca.ip, Duration::from_secs(10)), "B→A ping");
+    let server = cb.iperf3_server();
+    ca.tcp_transfer(&cb, false);
+    ca.tcp_transfer(&cb, true);
+    drop(server);
+    let carried = wait_until(Duration::from_secs(10), || {
+        a.peer_packets(&sb)
+            .filter(|&(tx, rx)| tx > 1000 && rx > 1000)
+    });
+    assert!(
+        carried.is_some(),
+        "A's forwarder did not carry the transfer both ways: {:?}, {}",
+        a.peer_packets(&sb),
+        a.status()
+    );
+    assert_eq!(a.status()["dataplane"], "ebpf");
+
+    // SIGKILL: the pinned programs go on forwarding.
+    fa.kill();
+    let before = pinned_forwarded(a);
+    assert!(
+        ca.can_ping(cb.ip, Duration::from_secs(10)),
+        "ping, flanneld dead"
+    );
+    let after = pinned_forwarded(a);
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "no forwarding while flanneld was dead: {before:?} → {after:?}"
+    );
+
+    // The restart adopts the pins: same counters, no flush.
+    let mut fa = a.flanneld(&c.etcd, &["--dataplane=ebpf"]);
+    fa.expect_log(
+        "adopted pinned host-gw eBPF maps",
+        flannel_tests::FLANNELD_READY,
+    );
+    fa.expect_log("flanneld is ready", flannel_tests::FLANNELD_READY);
+    let adopted = wait_until(Duration::from_secs(10), || {
+        a.peer_packets(&sb).filter(|&(tx, _)| tx >= after.0)
+    });
+    assert!(
+        adopted.is_some(),
+        "counters restarted: {:?} < {after:?}",
+        a.peer_packets(&sb)
+    );
+    assert!(
+        ca.can_ping(cb.ip, Duration::from_secs(10)),
+        "ping after restart"
+    );
+
+    // B leaves for good: its route and its forwarder entry go.
+    fb.kill();
+    c.etcd.delete(&lease_key(&sb));
+    let gone = wait_until(Duration::from_secs(15), || {
+        let routed = routes(&a.ns).contains(&sb);
+        let listed = a.peer_packets(&sb).is_some();
+        (!routed && !listed).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "peer kept after its lease was deleted:\n{}\n{}",
+        routes(&a.ns),
+        a.status()
+    );
+    drop(fa);
+}

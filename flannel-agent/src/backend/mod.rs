@@ -55,10 +55,6 @@ pub enum BackendError {
     DeviceVanished { name: String },
     #[error("--dataplane=ebpf: {0}")]
     Ebpf(#[from] crate::dataplane::EbpfError),
-    #[error(
-        "--dataplane=ebpf: the {0} backend has no eBPF dataplane (kernel routing is used for host-gw; see the README's benchmark); use --dataplane=kernel or auto"
-    )]
-    NoEbpfFor(&'static str),
     #[error("--dataplane=tun: {0}")]
     TunUnavailable(#[source] crate::dataplane::tun::TunError),
     #[error(transparent)]
@@ -203,16 +199,24 @@ impl Backend {
                 }
             }
             BackendConfig::HostGw => {
+                let b = hostgw::HostGwBackend::new(ext, network)?;
                 match dataplane {
-                    Dataplane::Ebpf => return Err(BackendError::NoEbpfFor("host-gw")),
+                    Dataplane::Ebpf => {
+                        crate::dataplane::HostGwFastPath::probe()?;
+                        Self::HostGw(b.with_ebpf(pin_dir))
+                    }
                     Dataplane::Tun => return Err(BackendError::NoTunForHostGw),
-                    Dataplane::Auto => refused.push(refusal(
-                        "ebpf",
-                        "host-gw uses kernel routing: an eBPF forwarder did not beat it",
-                    )),
-                    Dataplane::Kernel => {}
+                    Dataplane::Auto => {
+                        refused.push(refusal(
+                            "ebpf",
+                            "the eBPF host-gw forwarder bypasses this node's netfilter \
+                             (iptables, conntrack, NAT) for pod traffic, so it runs only with \
+                             --dataplane=ebpf",
+                        ));
+                        Self::HostGw(b)
+                    }
+                    Dataplane::Kernel => Self::HostGw(b),
                 }
-                Self::HostGw(hostgw::HostGwBackend::new(ext, network)?)
             }
             BackendConfig::Udp(u) => {
                 // The TUN dataplane always runs: it is the udp backend's own path, and
@@ -300,8 +304,8 @@ impl Backend {
                 }
             }
             Self::HostGw(b) => {
-                st.dataplane = "kernel".into();
-                st.peers = b.peer_status();
+                st.dataplane = if b.fast().is_some() { "ebpf" } else { "kernel" }.into();
+                (st.peers, st.verdicts) = b.status();
             }
             Self::Udp(b) => st = b.status(),
             Self::Inert(_) => st.dataplane = "none".into(),
@@ -330,14 +334,19 @@ impl Backend {
 
     /// Whether link notifications matter ([`Backend::link_event`]).
     pub fn watches_links(&self) -> bool {
-        matches!(self, Self::Vxlan(_))
+        matches!(self, Self::Vxlan(_)) || self.watches_addresses()
+    }
+
+    /// Whether IPv4 address notifications matter too ([`Backend::link_event`]).
+    pub fn watches_addresses(&self) -> bool {
+        matches!(self, Self::HostGw(b) if b.watches_addresses())
     }
 
     /// Creates the backend's devices for our subnet. Peers come later, by events.
     pub async fn setup(&mut self, nl: &Netlink, own: Ipv4Net) -> Result<(), BackendError> {
         match self {
             Self::Vxlan(b) => b.setup(nl, own).await,
-            Self::HostGw(_) => Ok(()),
+            Self::HostGw(b) => b.setup(nl, own).await,
             Self::Udp(b) => b.setup(nl, own).await,
             Self::Inert(_) => {
                 info!("alloc backend: subnet lease only, no dataplane");
@@ -351,7 +360,8 @@ impl Backend {
         match self {
             Self::Vxlan(b) => b.own_lease(nl, own).await,
             Self::Udp(b) => b.own_lease(nl, own).await,
-            Self::HostGw(_) | Self::Inert(_) => Ok(()),
+            Self::HostGw(b) => b.setup(nl, own).await,
+            Self::Inert(_) => Ok(()),
         }
     }
 
@@ -385,7 +395,8 @@ impl Backend {
     pub async fn link_event(&mut self, nl: &Netlink, ev: &LinkEvent) -> Result<(), BackendError> {
         match self {
             Self::Vxlan(b) => b.link_event(nl, ev).await,
-            Self::HostGw(_) | Self::Udp(_) | Self::Inert(_) => Ok(()),
+            Self::HostGw(b) => b.link_event(nl, ev).await,
+            Self::Udp(_) | Self::Inert(_) => Ok(()),
         }
     }
 

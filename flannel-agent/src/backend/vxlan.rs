@@ -598,7 +598,7 @@ impl VxlanBackend {
                 Some(*index) == self.device || name.as_deref() == Some(self.spec.name.as_str())
             }
             LinkEvent::Overrun => true,
-            LinkEvent::Changed { .. } => false,
+            LinkEvent::Changed { .. } | LinkEvent::Address { .. } => false,
         };
         if !ours {
             return Ok(());

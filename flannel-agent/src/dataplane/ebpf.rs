@@ -167,6 +167,18 @@ pub fn ebpf_object() -> Result<&'static [u8], EbpfError> {
 /// anything: the object is built in, the kernel has TCX (6.6+), maps can be created and
 /// the verifier accepts both programs. For `--dataplane auto`.
 pub fn probe() -> Result<(), EbpfError> {
+    probe_programs(
+        &[PROG_ENCAP, PROG_DECAP],
+        "loading the vxlan tc programs (verifier or helpers)",
+    )
+}
+
+/// [`probe`] for any set of the object's programs; `capability` names them in the
+/// error when the verifier or a helper refuses one.
+pub(super) fn probe_programs(
+    programs: &[&'static str],
+    capability: &'static str,
+) -> Result<(), EbpfError> {
     let object = ebpf_object()?;
     let version = KernelVersion::current().map_err(|e| EbpfError::Unsupported {
         capability: "reading the kernel version",
@@ -184,11 +196,11 @@ pub fn probe() -> Result<(), EbpfError> {
             capability: "creating bpf maps (needs CAP_BPF or root)",
             source: Some(Box::new(e)),
         })?;
-    for name in [PROG_ENCAP, PROG_DECAP] {
+    for &name in programs {
         classifier(&mut ebpf, name)?
             .load()
             .map_err(|e| EbpfError::Unsupported {
-                capability: "loading the vxlan tc programs (verifier or helpers)",
+                capability,
                 source: Some(Box::new(e)),
             })?;
     }
@@ -456,7 +468,10 @@ pub(super) fn attach_program(
             source: Box::new(e),
         }
     };
-    prog.load().map_err(prog_err("load"))?;
+    // One loaded program may be attached to several devices (host-gw's pod bridges).
+    if prog.fd().is_err() {
+        prog.load().map_err(prog_err("load"))?;
+    }
     let existing = live_pinned_link(link_path, &ifname, attach_type)?;
     let adopted = existing.is_some();
     let link_id = match existing {
@@ -489,26 +504,39 @@ pub(super) fn attach_program(
     Ok(())
 }
 
-/// Detaches the programs of the links pinned in `links` (encap and decap) and removes
-/// the pins and the directory.
+/// Detaches the program of the link pinned at `path` (if any) and removes the pin.
+pub(super) fn unpin_link(path: &Path) -> Result<(), EbpfError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let pinned = PinnedLink::from_pin(path).map_err(|e| EbpfError::Link {
+        op: "open pinned",
+        path: path.to_owned(),
+        source: Box::new(e),
+    })?;
+    // Unpinning drops the last reference but ours; dropping ours detaches.
+    let fd = pinned.unpin().map_err(|source| EbpfError::PinDir {
+        op: "unpin",
+        path: path.to_owned(),
+        source,
+    })?;
+    drop(fd);
+    Ok(())
+}
+
+/// Detaches the programs of every link pinned in `links` and removes the pins and the
+/// directory.
 pub(super) fn unpin_links(links: &Path) -> Result<(), EbpfError> {
-    for name in [LINK_ENCAP, LINK_DECAP] {
-        let path = links.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let pinned = PinnedLink::from_pin(&path).map_err(|e| EbpfError::Link {
-            op: "open pinned",
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
-        // Unpinning drops the last reference but ours; dropping ours detaches.
-        let fd = pinned.unpin().map_err(|source| EbpfError::PinDir {
-            op: "unpin",
-            path: path.clone(),
-            source,
-        })?;
-        drop(fd);
+    if !links.exists() {
+        return Ok(());
+    }
+    let entries = fs::read_dir(links).map_err(|source| EbpfError::PinDir {
+        op: "list",
+        path: links.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        unpin_link(&entry.path())?;
     }
     remove_pins(links)
 }

@@ -1,8 +1,9 @@
 //! Dataplanes: how peer leases become forwarding state in the kernel.
 //!
-//! [`ebpf`] is the only module that imports aya: the VXLAN fast path (TC programs on
-//! `flannel.<VNI>` and the underlay, pinned maps and links). [`sys`] holds its few libc
-//! calls (bpffs, interface names).
+//! [`ebpf`], [`udp`] and [`hostgw`] are the only modules that import aya: the VXLAN fast
+//! path (TC programs on `flannel.<VNI>` and the underlay, pinned maps and links), the udp
+//! backend's and the host-gw backend's, which share its maps and pinning rules. [`sys`]
+//! holds their few libc calls (bpffs, interface names).
 //!
 //! How the vxlan backend uses the fast path (`--dataplane ebpf`, or `auto` when
 //! [`probe`] succeeds):
@@ -21,6 +22,7 @@
 //! 5. On exit, just drop it: the programs keep forwarding with the pinned maps.
 
 pub mod ebpf;
+pub mod hostgw;
 mod sys;
 pub mod tun;
 pub mod udp;
@@ -29,6 +31,7 @@ pub use ebpf::{
     DEFAULT_PIN_DIR, EbpfError, FastPathConfig, PeerEntry, VxlanFastPath, ebpf_object, probe,
 };
 pub use flannel_common::maps::PeerCounters;
+pub use hostgw::{HostGwFastPath, HostGwFastPathConfig, HostGwPeerEntry};
 /// The subnet type of the fast path API ([`PeerEntry::subnet`], [`FastPathConfig::subnet`]).
 pub use ipnet::Ipv4Net;
 pub use udp::{UdpFastPath, UdpFastPathConfig, UdpPeerEntry};

@@ -48,7 +48,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, maps::Array, programs::TcAttachType, util::KernelVersion};
+use aya::{Ebpf, EbpfLoader, maps::Array, programs::TcAttachType};
 use flannel_common::{
     LAYOUT_VERSION, MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP, UDP_PINNED_MAPS,
     maps::{FLAG_PEERS_SYNCED, PeerCounters, UdpConfig},
@@ -58,8 +58,8 @@ use tracing::{debug, info, warn};
 
 use super::ebpf::{
     EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, PeerTable, attach_program, check_pinned_layout,
-    classifier, drop_counters, ebpf_object, from_be, make_private_dir, map_err, map_mut,
-    other_layouts, prepare_pin_dir, remove_pins, to_be, unpin_links,
+    drop_counters, ebpf_object, from_be, make_private_dir, map_err, map_mut, other_layouts,
+    prepare_pin_dir, probe_programs, remove_pins, to_be, unpin_links,
 };
 
 /// Subdirectory of the pin directory that holds the udp fast path's pins.
@@ -120,32 +120,10 @@ impl UdpFastPath {
     /// anything: the object is built in, the kernel has TCX (6.6+), maps can be created
     /// and the verifier accepts both udp programs. For `--dataplane auto`.
     pub fn probe() -> Result<(), EbpfError> {
-        let object = ebpf_object()?;
-        let version = KernelVersion::current().map_err(|e| EbpfError::Unsupported {
-            capability: "reading the kernel version",
-            source: Some(e.to_string().into()),
-        })?;
-        if version < KernelVersion::new(6, 6, 0) {
-            return Err(EbpfError::Unsupported {
-                capability: "tcx links (linux 6.6 or later)",
-                source: None,
-            });
-        }
-        let mut ebpf = EbpfLoader::new()
-            .load(object)
-            .map_err(|e| EbpfError::Unsupported {
-                capability: "creating bpf maps (needs CAP_BPF or root)",
-                source: Some(Box::new(e)),
-            })?;
-        for name in [PROG_UDP_ENCAP, PROG_UDP_DECAP] {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|e| EbpfError::Unsupported {
-                    capability: "loading the udp tc programs (verifier or helpers)",
-                    source: Some(Box::new(e)),
-                })?;
-        }
-        Ok(())
+        probe_programs(
+            &[PROG_UDP_ENCAP, PROG_UDP_DECAP],
+            "loading the udp tc programs (verifier or helpers)",
+        )
     }
 
     /// Loads the programs, adopts or creates the pinned maps, writes the configuration
