@@ -16,8 +16,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{interrupted, wait_for};
-pub use crate::netns::{Ns, Proc};
 use crate::netns::kill_and_delete;
+pub use crate::netns::{Ns, Proc};
 use crate::util::{output, show};
 
 /// Every namespace of a bench run starts with this.
