@@ -1,5 +1,5 @@
 //! The eBPF VXLAN fast path, and the pieces the udp fast path (`udp.rs`) shares with it:
-//! with `udp.rs`, the only module that imports aya.
+//! with `udp.rs` and `migrate.rs`, the only modules that import aya.
 //!
 //! Design note. The kernel keeps flannel's vxlan state (device, neighbour, FDB, route per
 //! peer; see `backend/`), and this module puts two TC programs on top of it:
@@ -14,10 +14,17 @@
 //! same layout are reused as they are (entries and counters kept, no flush), the new
 //! programs replace the old ones on the pinned links atomically (`bpf_link_update`), and
 //! the caller then applies only the difference with [`VxlanFastPath::sync_peers`]. Pinned
-//! maps of another layout version are never reused: new maps are created, the entries
-//! that can be converted are copied, the old pins are removed once the new programs run.
-//! Until the first [`VxlanFastPath::sync_peers`], decap hands VXLAN from unknown sources
-//! to the kernel rather than dropping it, so a fresh or migrated start cuts no traffic.
+//! maps of another layout version (`v<N>`) are never reused, they are migrated: new maps
+//! are created, and before the new programs replace the old ones on the links, every old
+//! map whose type and key and value sizes are unchanged is copied into its new
+//! counterpart (`migrate.rs`): peers keep their slots, counters and reason counts go on.
+//! A map whose shape changed is not copied (a warning names both shapes) and starts
+//! empty. The old pins are removed once the new programs run. Until the first
+//! [`VxlanFastPath::sync_peers`], decap hands VXLAN from unknown sources to the kernel
+//! rather than dropping it, so a fresh start cuts no traffic; after a migration, decap
+//! keeps dropping them only if the old layout had been synced and both peer maps were
+//! copied. A pinned map of our own layout version with other sizes is refused
+//! ([`EbpfError::LayoutMismatch`]): that is a build that forgot to bump the version.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,7 +54,10 @@ use ipnet::Ipv4Net;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use super::sys;
+use super::{
+    migrate::{Migration, migrate},
+    sys,
+};
 use crate::mac::MacAddr;
 
 /// Where the agent pins its maps and links by default.
@@ -103,6 +113,15 @@ pub enum EbpfError {
         path: PathBuf,
         expected: (u32, u32),
         found: (u32, u32),
+    },
+    /// Copying a map of an older layout into this build's failed.
+    #[error("cannot {op} map {name} ({path}) to migrate it to layout v{LAYOUT_VERSION}")]
+    Migrate {
+        op: &'static str,
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<MapError>,
     },
     /// Loading the object (creating or opening its maps) failed.
     #[error("cannot load the bpf object")]
@@ -360,7 +379,7 @@ pub(super) fn check_pinned_layout(layout_dir: &Path, pinned: &[&str]) -> Result<
     Ok(())
 }
 
-/// Pinned layout directories (`v<N>`) other than ours.
+/// Pinned layout directories (`v<N>`) other than ours, by version.
 pub(super) fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
     let entries = fs::read_dir(pin_dir).map_err(|source| EbpfError::PinDir {
         op: "list",
@@ -381,6 +400,7 @@ pub(super) fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfE
             out.push((version, entry.path()));
         }
     }
+    out.sort_unstable();
     Ok(out)
 }
 
@@ -438,8 +458,20 @@ fn live_pinned_link(
         .map_err(link_err("adopt"))
 }
 
-/// Loads program `name` and attaches it to `ifindex`, replacing the program of the link
-/// pinned at `link_path` in place when that link is live, else with a new pinned link.
+/// Loads (verifies) program `name`, before [`attach_program`].
+pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
+    classifier(ebpf, name)?
+        .load()
+        .map_err(|e| EbpfError::Program {
+            op: "load",
+            name,
+            source: Box::new(e),
+        })
+}
+
+/// Attaches the loaded ([`load_program`]) program `name` to `ifindex`, replacing the
+/// program of the link pinned at `link_path` in place when that link is live, else with
+/// a new pinned link.
 pub(super) fn attach_program(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -456,7 +488,6 @@ pub(super) fn attach_program(
             source: Box::new(e),
         }
     };
-    prog.load().map_err(prog_err("load"))?;
     let existing = live_pinned_link(link_path, &ifname, attach_type)?;
     let adopted = existing.is_some();
     let link_id = match existing {
@@ -549,25 +580,107 @@ pub(super) struct PeerTable {
     peers: BTreeMap<Ipv4Net, Peer>,
     /// Counter slots in use.
     used_slots: BTreeSet<u32>,
+    /// Peers whose source entry is missing (its map was not migrated, or the agent was
+    /// killed between the two writes): the next upsert writes it, even if unchanged.
+    unsourced: BTreeSet<Ipv4Net>,
+}
+
+/// The source entry of the peer with `subnet` (truncated) in counter slot `index`.
+fn source_entry(subnet: Ipv4Net, index: u32) -> PeerSource {
+    PeerSource {
+        subnet_be: to_be(subnet.addr()),
+        mask_be: to_be(subnet.netmask()),
+        index,
+        _pad: 0,
+    }
 }
 
 impl PeerTable {
-    /// Reads the (adopted) peer map of `ebpf`.
-    pub(super) fn load(ebpf: &Ebpf) -> Result<PeerTable, EbpfError> {
-        let map = ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_PEERS,
-        })?;
-        let trie: LpmTrie<_, u32, Peer> =
-            LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+    /// Reads the peer maps of `ebpf` (adopted as they were, or just migrated) and makes
+    /// them consistent. A peer is its entry in the peer map, which keeps its slot (and so
+    /// its counters); when its source entry is missing or disagrees (a source map that
+    /// could not be migrated, an agent killed between the two writes), the next upsert of
+    /// that peer writes the source entry. Entries the table cannot stand for are removed:
+    /// peer entries with an invalid prefix (or host bits), an invalid slot or one already
+    /// taken, and source entries of no peer (they cannot be completed: the VtepMAC is in
+    /// the peer entry).
+    pub(super) fn load(ebpf: &mut Ebpf) -> Result<PeerTable, EbpfError> {
+        let routes: Vec<(Key<u32>, Peer)> = {
+            let map = ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
+                kind: "map",
+                name: MAP_PEERS,
+            })?;
+            let trie: LpmTrie<_, u32, Peer> =
+                LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+            trie.iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err("iterate", MAP_PEERS))?
+        };
+        let sources: BTreeMap<u32, PeerSource> = {
+            let map = ebpf.map(MAP_SOURCES).ok_or(EbpfError::Missing {
+                kind: "map",
+                name: MAP_SOURCES,
+            })?;
+            let hash: HashMap<_, u32, PeerSource> =
+                HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
+            hash.iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err("iterate", MAP_SOURCES))?
+        };
         let mut table = PeerTable::default();
-        for item in trie.iter() {
-            let (key, peer) = item.map_err(map_err("iterate", MAP_PEERS))?;
-            let Ok(net) = Ipv4Net::new(from_be(key.data()), key.prefix_len() as u8) else {
+        let mut bad_routes = Vec::new();
+        for (key, peer) in routes {
+            let net = Ipv4Net::new(from_be(key.data()), key.prefix_len() as u8)
+                .ok()
+                .filter(|net| {
+                    net.trunc() == *net
+                        && peer.index < MAX_PEERS
+                        && !table.used_slots.contains(&peer.index)
+                });
+            let Some(net) = net else {
+                bad_routes.push(key);
                 continue;
             };
+            if sources.get(&peer.public_ip_be) != Some(&source_entry(net, peer.index)) {
+                table.unsourced.insert(net);
+            }
             table.used_slots.insert(peer.index);
             table.peers.insert(net, peer);
+        }
+        let orphans: Vec<u32> = sources
+            .iter()
+            .filter(|(ip, source)| {
+                !table
+                    .peers
+                    .values()
+                    .any(|p| p.public_ip_be == **ip && p.index == source.index)
+            })
+            .map(|(ip, _)| *ip)
+            .collect();
+        if !(bad_routes.is_empty() && orphans.is_empty() && table.unsourced.is_empty()) {
+            warn!(
+                removed_peers = bad_routes.len(),
+                removed_sources = orphans.len(),
+                peers_without_source = table.unsourced.len(),
+                "peer maps were inconsistent; the next sync completes them"
+            );
+        }
+        {
+            let mut trie: LpmTrie<_, u32, Peer> =
+                LpmTrie::try_from(map_mut(ebpf, MAP_PEERS)?).map_err(map_err("open", MAP_PEERS))?;
+            for key in &bad_routes {
+                match trie.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err("delete from", MAP_PEERS)(e)),
+                }
+            }
+        }
+        for ip in orphans {
+            // Removes the entry only if no peer of the table owns it, as checked above.
+            let Some(source) = sources.get(&ip) else {
+                continue;
+            };
+            remove_source(ebpf, ip, source.index)?;
         }
         Ok(table)
     }
@@ -601,18 +714,13 @@ impl PeerTable {
             vtep_mac,
             _pad: [0; 2],
         };
-        if old == Some(peer) {
+        if old == Some(peer) && !self.unsourced.contains(&subnet) {
             return Ok(false);
         }
         if old.is_none() {
             reset_counters(ebpf, index)?;
         }
-        let source = PeerSource {
-            subnet_be: to_be(subnet.addr()),
-            mask_be: to_be(subnet.netmask()),
-            index,
-            _pad: 0,
-        };
+        let source = source_entry(subnet, index);
         {
             let map = map_mut(ebpf, MAP_SOURCES)?;
             let mut sources: HashMap<_, u32, PeerSource> =
@@ -634,6 +742,7 @@ impl PeerTable {
         }
         self.peers.insert(subnet, peer);
         self.used_slots.insert(index);
+        self.unsourced.remove(&subnet);
         // The peer moved to another PublicIP: its old source entry goes, after the new one
         // is in place.
         if let Some(old) = old
@@ -665,6 +774,7 @@ impl PeerTable {
         remove_source(ebpf, peer.public_ip_be, peer.index)?;
         self.peers.remove(&subnet);
         self.used_slots.remove(&peer.index);
+        self.unsourced.remove(&subnet);
         debug!(%subnet, "fast path peer removed");
         Ok(())
     }
@@ -748,12 +858,14 @@ fn reset_counters(ebpf: &mut Ebpf, index: u32) -> Result<(), EbpfError> {
 }
 
 impl VxlanFastPath {
-    /// Loads the programs, adopts or creates the pinned maps, writes the configuration
-    /// and attaches both programs (replacing, without a gap, programs a previous agent
-    /// left attached). Call from a thread in the network namespace of the interfaces.
+    /// Loads the programs, adopts or creates the pinned maps (migrating the entries of an
+    /// older layout's maps into new ones), writes the configuration and attaches both
+    /// programs (replacing, without a gap, programs a previous agent left attached). Call
+    /// from a thread in the network namespace of the interfaces.
     ///
     /// Until the first [`VxlanFastPath::sync_peers`], VXLAN from unknown sources is left
-    /// to the kernel; call it right after attaching with the full peer set.
+    /// to the kernel (unless adopted or migrated maps say the peers were synced); call it
+    /// right after attaching with the full peer set.
     pub fn attach(cfg: FastPathConfig) -> Result<VxlanFastPath, EbpfError> {
         let object = ebpf_object()?;
         if cfg.vni > 0x00ff_ffff {
@@ -784,13 +896,26 @@ impl VxlanFastPath {
             config: Config::default(),
             table: PeerTable::default(),
         };
+        // Verified first, so that the old programs run on until the migrated maps are
+        // complete and the swap follows right after.
+        load_program(&mut fp.ebpf, PROG_DECAP)?;
+        load_program(&mut fp.ebpf, PROG_ENCAP)?;
+        let migration = migrate(&mut fp.ebpf, &fp.layout_dir, PINNED_MAPS, &old_layouts)?;
         let previous = fp.read_config()?;
-        fp.table = PeerTable::load(&fp.ebpf)?;
-        for (version, dir) in &old_layouts {
-            fp.migrate_from(*version, dir);
-        }
-        let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
-        if previous.public_ip_be != 0 {
+        fp.table = PeerTable::load(&mut fp.ebpf)?;
+        let synced = previous.public_ip_be != 0
+            && previous.flags & FLAG_PEERS_SYNCED != 0
+            && Migration::peers_intact(migration.as_ref());
+        if let Some(m) = &migration {
+            info!(
+                from = m.version,
+                to = LAYOUT_VERSION,
+                maps = ?m.copied,
+                peers = fp.table.len(),
+                synced,
+                "migrated pinned eBPF maps of an old layout"
+            );
+        } else if previous.public_ip_be != 0 {
             info!(
                 peers = fp.table.len(),
                 synced, "adopted pinned eBPF maps (layout v{LAYOUT_VERSION})"
@@ -831,20 +956,6 @@ impl VxlanFastPath {
             info!(version, "removed pinned maps of an old layout");
         }
         Ok(fp)
-    }
-
-    /// Copies what can be converted from the pinned maps of layout `version`.
-    ///
-    /// Layout 1 is the first; no older layout exists whose entries could be converted.
-    /// Peers are not lost: the agent writes them with [`VxlanFastPath::sync_peers`], and
-    /// until then decap leaves unknown sources to the kernel. Counters restart at zero.
-    fn migrate_from(&mut self, version: u32, dir: &Path) {
-        warn!(
-            version,
-            current = LAYOUT_VERSION,
-            dir = %dir.display(),
-            "pinned maps of another layout are not reused; starting with new maps, peers are re-synced"
-        );
     }
 
     fn read_config(&self) -> Result<Config, EbpfError> {

@@ -1,8 +1,9 @@
 //! Dataplanes: how peer leases become forwarding state in the kernel.
 //!
-//! [`ebpf`] is the only module that imports aya: the VXLAN fast path (TC programs on
-//! `flannel.<VNI>` and the underlay, pinned maps and links). [`sys`] holds its few libc
-//! calls (bpffs, interface names).
+//! [`ebpf`], [`udp`] and `migrate` are the only modules that import aya: the VXLAN fast
+//! path (TC programs on `flannel.<VNI>` and the underlay, pinned maps and links), the udp
+//! backend's fast path, and the copy of pinned maps from an older map layout that both
+//! do on start. [`sys`] holds their few libc calls (bpffs, interface names).
 //!
 //! How the vxlan backend uses the fast path (`--dataplane ebpf`, or `auto` when
 //! [`probe`] succeeds):
@@ -21,6 +22,7 @@
 //! 5. On exit, just drop it: the programs keep forwarding with the pinned maps.
 
 pub mod ebpf;
+mod migrate;
 mod sys;
 pub mod tun;
 pub mod udp;

@@ -11,9 +11,19 @@
 //! keep running; the maps only say which peers may take the fast lane.
 //!
 //! It shares everything but its configuration with the VXLAN fast path ([`super::ebpf`]):
-//! the BPF object, the peer, source and counter map types, the reasons, the pinning and
-//! adoption rules. Its pins live under `<pin_dir>/udp/` (`v<LAYOUT_VERSION>/<MAP>`,
-//! `links/{encap,decap}`), so the two never share state even with one `pin_dir`.
+//! the BPF object, the peer, source and counter map types, the reasons, the pinning,
+//! adoption and migration rules. Its pins live under `<pin_dir>/udp/`
+//! (`v<LAYOUT_VERSION>/<MAP>`, `links/{encap,decap}`), so the two never share state even
+//! with one `pin_dir`.
+//!
+//! Lifetime. As for the vxlan path: a dropped [`UdpFastPath`] leaves the programs
+//! attached and forwarding; [`UdpFastPath::attach`] reuses the maps of its own layout as
+//! they are, and migrates those of another layout (`udp/v<N>`) before the new programs
+//! replace the old ones on the links: every map whose type and key and value sizes are
+//! unchanged is copied (peers keep their slots, counters go on), a changed one starts
+//! empty with a warning, and the old pins go once the new programs run. Decap keeps
+//! dropping unknown sources after a migration only if the old layout had been synced and
+//! both peer maps were copied.
 //!
 //! How the udp backend uses it (`--dataplane ebpf`, or `auto` when
 //! [`UdpFastPath::probe`] succeeds):
@@ -54,12 +64,16 @@ use flannel_common::{
     maps::{FLAG_PEERS_SYNCED, PeerCounters, UdpConfig},
 };
 use ipnet::Ipv4Net;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::ebpf::{
-    EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, PeerTable, attach_program, check_pinned_layout,
-    classifier, drop_counters, ebpf_object, from_be, make_private_dir, map_err, map_mut,
-    other_layouts, prepare_pin_dir, remove_pins, to_be, unpin_links,
+use super::{
+    ebpf::{
+        EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, PeerTable, attach_program,
+        check_pinned_layout, classifier, drop_counters, ebpf_object, from_be, load_program,
+        make_private_dir, map_err, map_mut, other_layouts, prepare_pin_dir, remove_pins, to_be,
+        unpin_links,
+    },
+    migrate::{Migration, migrate},
 };
 
 /// Subdirectory of the pin directory that holds the udp fast path's pins.
@@ -148,13 +162,15 @@ impl UdpFastPath {
         Ok(())
     }
 
-    /// Loads the programs, adopts or creates the pinned maps, writes the configuration
-    /// and attaches both programs (replacing, without a gap, programs a previous agent
-    /// left attached). Call from a thread in the network namespace of the interfaces,
-    /// once `flannel0` exists and is up.
+    /// Loads the programs, adopts or creates the pinned maps (migrating the entries of an
+    /// older layout's maps into new ones), writes the configuration and attaches both
+    /// programs (replacing, without a gap, programs a previous agent left attached). Call
+    /// from a thread in the network namespace of the interfaces, once `flannel0` exists
+    /// and is up.
     ///
     /// Until the first [`UdpFastPath::sync_peers`], flannel-udp from unknown sources is
-    /// left to the userspace proxy; call it right after attaching with the full peer set.
+    /// left to the userspace proxy (unless adopted or migrated maps say the peers were
+    /// synced); call it right after attaching with the full peer set.
     pub fn attach(cfg: UdpFastPathConfig) -> Result<UdpFastPath, EbpfError> {
         let object = ebpf_object()?;
         if cfg.public_ip.is_unspecified() {
@@ -186,20 +202,26 @@ impl UdpFastPath {
             config: UdpConfig::default(),
             table: PeerTable::default(),
         };
+        // Verified first, so that the old programs run on until the migrated maps are
+        // complete and the swap follows right after.
+        load_program(&mut fp.ebpf, PROG_UDP_DECAP)?;
+        load_program(&mut fp.ebpf, PROG_UDP_ENCAP)?;
+        let migration = migrate(&mut fp.ebpf, &fp.layout_dir, UDP_PINNED_MAPS, &old_layouts)?;
         let previous = fp.read_config()?;
-        fp.table = PeerTable::load(&fp.ebpf)?;
-        for (version, dir) in &old_layouts {
-            // Layout 2 is the first with the udp fast path: nothing older to convert.
-            // Peers come back with `sync_peers`; counters restart at zero.
-            warn!(
-                version,
-                current = LAYOUT_VERSION,
-                dir = %dir.display(),
-                "pinned udp maps of another layout are not reused; starting with new maps"
+        fp.table = PeerTable::load(&mut fp.ebpf)?;
+        let synced = previous.public_ip_be != 0
+            && previous.flags & FLAG_PEERS_SYNCED != 0
+            && Migration::peers_intact(migration.as_ref());
+        if let Some(m) = &migration {
+            info!(
+                from = m.version,
+                to = LAYOUT_VERSION,
+                maps = ?m.copied,
+                peers = fp.table.len(),
+                synced,
+                "migrated pinned udp eBPF maps of an old layout"
             );
-        }
-        let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
-        if previous.public_ip_be != 0 {
+        } else if previous.public_ip_be != 0 {
             info!(
                 peers = fp.table.len(),
                 synced, "adopted pinned udp eBPF maps (layout v{LAYOUT_VERSION})"
