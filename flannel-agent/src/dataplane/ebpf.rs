@@ -14,12 +14,14 @@
 //! same layout are reused as they are (entries and counters kept, no flush), the new
 //! programs replace the old ones on the pinned links atomically (`bpf_link_update`), and
 //! the caller then applies only the difference with [`VxlanFastPath::sync_peers`]. Pinned
-//! maps of another layout version (`v<N>`) are never reused, they are migrated: new maps
-//! are created, and before the new programs replace the old ones on the links, every old
-//! map whose type and key and value sizes are unchanged is copied into its new
-//! counterpart (`migrate.rs`): peers keep their slots, counters and reason counts go on.
-//! A map whose shape changed is not copied (a warning names both shapes) and starts
-//! empty. The old pins are removed once the new programs run. Until the first
+//! maps of another layout version (`v<N>`) are never reused, they are migrated
+//! (`migrate.rs`): new maps are created, and every old map whose type and key and value
+//! sizes are unchanged is carried over into its new counterpart. The state (peers,
+//! sources, config) is copied before the new programs replace the old ones on the links,
+//! so they know every peer from their first packet; the counters are added right after
+//! the swap, so nothing the old programs counted is lost. Peers keep their slots, and so
+//! their counters. A map whose shape changed is not carried over (a warning names both
+//! shapes) and starts empty. The old pins are removed once the new programs run. Until the first
 //! [`VxlanFastPath::sync_peers`], decap hands VXLAN from unknown sources to the kernel
 //! rather than dropping it, so a fresh start cuts no traffic; after a migration, decap
 //! keeps dropping them only if the old layout had been synced and both peer maps were
@@ -950,7 +952,11 @@ impl VxlanFastPath {
             TcAttachType::Egress,
             &links.join(LINK_ENCAP),
         )?;
-        // The old programs are gone from the links; their maps can go too.
+        // The old programs are gone from the links: what they counted is final.
+        if let Some(m) = migration {
+            m.finish(&mut fp.ebpf);
+        }
+        // Their maps can go too.
         for (version, dir) in &old_layouts {
             remove_pins(dir)?;
             info!(version, "removed pinned maps of an old layout");

@@ -3,20 +3,31 @@
 //!
 //! Design note. A flanneld whose layout differs from the pinned one finds the old maps
 //! in `v<N>` beside its own `v<LAYOUT_VERSION>` and the old programs still attached to the
-//! pinned links, forwarding with them. Before its own programs replace those on the links,
-//! [`migrate`] copies into the new maps whatever it can read without knowing the old
-//! layout: every map whose name, kernel map type and key and value sizes are the same in
-//! both layouts is copied entry by entry (hash and LPM trie: every key; array and per-CPU
-//! array: the indices both have, per CPU), so peers keep their slots and counters. A map
-//! whose shape changed is not copied: a warning names it and both shapes, and it starts
-//! empty (the agent's sync writes the peers again; counters restart at zero). Nothing is
-//! converted field by field, which is why a map whose meaning changes while its shape does
-//! not must get a new name (see `flannel_common::LAYOUT_VERSION`).
+//! pinned links, forwarding with them. [`migrate`] carries over whatever it can without
+//! knowing the old layout: every map whose name, kernel map type and key and value sizes
+//! are the same in both layouts, entry by entry (hash and LPM trie: every key; arrays:
+//! the indices both have; per-CPU arrays: per CPU), so peers keep their slots and
+//! counters. A map whose shape changed is not carried over: a warning names it and both
+//! shapes, and it starts empty (the agent's sync writes the peers again; counters restart
+//! at zero). Nothing is converted field by field, which is why a map whose meaning
+//! changes while its shape does not must get a new name (see
+//! `flannel_common::LAYOUT_VERSION`).
+//!
+//! Two phases, around the moment the new programs replace the old ones on the links:
+//! - before the swap, the state (peers, sources, config) is copied, so the new programs
+//!   find every peer from their first packet: no window where encap misses a peer or
+//!   decap drops one;
+//! - after the swap, the counters (per-CPU arrays) of the old layout are added to what
+//!   the new programs have counted since ([`Migration::finish`]): the old programs count
+//!   until the swap, so a copy made before it would lose what they count in between.
+//!   Each old counter map is unpinned as soon as it is added, so a restart cannot add it
+//!   twice. (Each entry is a read, an add and a write; a packet counted by the new
+//!   programs during those microseconds is lost.)
 //!
 //! Only the newest other layout is read, so entries of two old layouts are never mixed.
-//! Its pins are removed by the caller once the new programs run. If the agent dies in
-//! between, the next start copies again: the peers are the same, the counters lose what
-//! the new programs counted in between.
+//! The caller removes its remaining pins once the new programs run. If the agent dies in
+//! between, the next start migrates again from what is left: the state is copied again
+//! (it has not changed: no sync happened), counters not yet added are added then.
 
 use std::{
     fmt,
@@ -25,7 +36,10 @@ use std::{
 
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+        PerCpuValues,
+    },
 };
 use flannel_common::{
     Counters, LAYOUT_VERSION, MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES,
@@ -41,8 +55,10 @@ use super::ebpf::{EbpfError, map_mut};
 pub(super) struct Migration {
     /// The layout version the entries came from.
     pub(super) version: u32,
-    /// The maps whose entries were copied.
+    /// The maps whose entries were copied or are to be added ([`Migration::finish`]).
     pub(super) copied: Vec<&'static str>,
+    /// The old layout's counter maps, added to the new ones after the swap.
+    counters: Vec<(&'static str, PathBuf, CopyFn)>,
 }
 
 impl Migration {
@@ -51,6 +67,42 @@ impl Migration {
     /// source map were copied. Until then, decap must not drop unknown sources.
     pub(super) fn peers_intact(migration: Option<&Migration>) -> bool {
         migration.is_none_or(|m| m.copied.contains(&MAP_PEERS) && m.copied.contains(&MAP_SOURCES))
+    }
+
+    /// Adds the old layout's counters to the new maps of `ebpf` and unpins each old map
+    /// once it is added. Call right after the new programs replaced the old ones. The
+    /// programs already run with the new maps, so a failure here only costs counts: it is
+    /// logged, not returned.
+    pub(super) fn finish(self, ebpf: &mut Ebpf) {
+        for (name, path, add) in self.counters {
+            let added = MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .and_then(|old| match ebpf.map_mut(name) {
+                    Some(new) => add(&old, new),
+                    None => Err(MapError::InvalidName { name: name.into() }),
+                });
+            match added {
+                Ok(entries) => info!(
+                    map = name,
+                    from = self.version,
+                    to = LAYOUT_VERSION,
+                    entries,
+                    "migrated map (counts added after the swap)"
+                ),
+                Err(e) => {
+                    warn!(
+                        map = name,
+                        path = %path.display(),
+                        error = %e,
+                        "cannot add the old layout's counts; they restart at zero"
+                    );
+                    continue;
+                }
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(map = name, path = %path.display(), error = %e, "cannot unpin an added counter map");
+            }
+        }
     }
 }
 
@@ -98,9 +150,18 @@ impl fmt::Display for Shape {
     }
 }
 
-/// How the entries of one map are copied: through the aya map type and the Rust key and
-/// value types the agent uses for it. Returns how many entries were copied.
+/// How the entries of one old map get into the new one: through the aya map type and
+/// the Rust key and value types the agent uses for it. Returns how many entries it wrote.
 type CopyFn = fn(&Map, &mut Map) -> Result<u32, MapError>;
+
+/// When a map is carried over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// State the new programs need from their first packet: copied before the swap.
+    BeforeSwap,
+    /// Counters: the old layout's counts added after the swap.
+    AfterSwap,
+}
 
 /// A map's [`CopyFn`] with the key and value sizes of its types.
 #[derive(Clone, Copy)]
@@ -108,6 +169,31 @@ struct Copier {
     key_size: u32,
     value_size: u32,
     copy: CopyFn,
+    phase: Phase,
+}
+
+/// A counter value of a per-CPU array: what the old and the new programs counted add up.
+trait Counter: Pod + Default + PartialEq {
+    /// The sum, wrapping like the programs' increments.
+    fn plus(self, other: Self) -> Self;
+}
+
+impl Counter for u64 {
+    fn plus(self, other: u64) -> u64 {
+        self.wrapping_add(other)
+    }
+}
+
+impl Counter for Counters {
+    fn plus(self, other: Counters) -> Counters {
+        self.add(other)
+    }
+}
+
+impl Counter for PeerCounters {
+    fn plus(self, other: PeerCounters) -> PeerCounters {
+        self.add(other)
+    }
 }
 
 /// The size of a map key or value type (a few bytes, so the cast cannot truncate).
@@ -121,14 +207,17 @@ impl Copier {
             key_size: size::<u32>(),
             value_size: size::<V>(),
             copy: copy_array::<V>,
+            phase: Phase::BeforeSwap,
         }
     }
 
-    fn per_cpu_array<V: Pod>() -> Copier {
+    /// A per-CPU array of counters.
+    fn counters<V: Counter>() -> Copier {
         Copier {
             key_size: size::<u32>(),
             value_size: size::<V>(),
-            copy: copy_per_cpu_array::<V>,
+            copy: add_counters::<V>,
+            phase: Phase::AfterSwap,
         }
     }
 
@@ -137,6 +226,7 @@ impl Copier {
             key_size: size::<K>(),
             value_size: size::<V>(),
             copy: copy_hash::<K, V>,
+            phase: Phase::BeforeSwap,
         }
     }
 
@@ -145,6 +235,7 @@ impl Copier {
             key_size: size::<aya::maps::lpm_trie::Key<K>>(),
             value_size: size::<V>(),
             copy: copy_lpm_trie::<K, V>,
+            phase: Phase::BeforeSwap,
         }
     }
 }
@@ -153,13 +244,13 @@ impl Copier {
 /// missing and that their sizes are those of `MAPS`).
 fn copier(name: &str) -> Option<Copier> {
     Some(match name {
-        MAP_STATS => Copier::per_cpu_array::<Counters>(),
+        MAP_STATS => Copier::counters::<Counters>(),
         MAP_CONFIG => Copier::array::<Config>(),
         MAP_UDP_CONFIG => Copier::array::<UdpConfig>(),
         MAP_PEERS => Copier::lpm_trie::<u32, Peer>(),
         MAP_SOURCES => Copier::hash::<SourceKey, PeerSource>(),
-        MAP_PEER_COUNTERS => Copier::per_cpu_array::<PeerCounters>(),
-        MAP_REASONS => Copier::per_cpu_array::<u64>(),
+        MAP_PEER_COUNTERS => Copier::counters::<PeerCounters>(),
+        MAP_REASONS => Copier::counters::<u64>(),
         _ => return None,
     })
 }
@@ -174,12 +265,30 @@ fn copy_array<V: Pod>(old: &Map, new: &mut Map) -> Result<u32, MapError> {
     Ok(n)
 }
 
-fn copy_per_cpu_array<V: Pod>(old: &Map, new: &mut Map) -> Result<u32, MapError> {
+/// Adds, CPU by CPU, the old counts to the new ones, for the indices both arrays have.
+/// Entries the old programs never counted into are skipped (most peer slots): fewer
+/// writes under the running programs.
+fn add_counters<V: Counter>(old: &Map, new: &mut Map) -> Result<u32, MapError> {
     let old: PerCpuArray<_, V> = PerCpuArray::try_from(old)?;
     let mut new: PerCpuArray<_, V> = PerCpuArray::try_from(new)?;
-    let n = old.len().min(new.len());
-    for i in 0..n {
-        new.set(i, old.get(&i, 0)?, 0)?;
+    let mut n = 0;
+    for i in 0..old.len().min(new.len()) {
+        let counted = old.get(&i, 0)?;
+        if counted.iter().all(|c| *c == V::default()) {
+            continue;
+        }
+        let now = new.get(&i, 0)?;
+        let sum: Vec<V> = counted
+            .iter()
+            .zip(now.iter())
+            .map(|(o, c)| o.plus(*c))
+            .collect();
+        new.set(
+            i,
+            PerCpuValues::try_from(sum).map_err(MapError::IoError)?,
+            0,
+        )?;
+        n += 1;
     }
     Ok(n)
 }
@@ -211,9 +320,9 @@ fn copy_lpm_trie<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<u32, MapErr
 /// Copies into the maps of `ebpf` named in `pinned` (this build's layout, pinned in
 /// `layout_dir`) the entries of the same-named maps of the newest layout in `old`
 /// (`(version, directory)`, as `other_layouts` lists them), where type and key and value
-/// sizes match. Maps that do not match, or cannot be opened, are left as they are and
-/// named in a warning. `None` when `old` is empty. Call before the new programs are
-/// attached: the old ones keep the old maps current until then.
+/// sizes match; counter maps among them are only noted, for [`Migration::finish`]. Maps
+/// that do not match, or cannot be opened, are left as they are and named in a warning.
+/// `None` when `old` is empty. Call before the new programs are attached.
 pub(super) fn migrate(
     ebpf: &mut Ebpf,
     layout_dir: &Path,
@@ -232,6 +341,7 @@ pub(super) fn migrate(
         );
     }
     let mut copied = Vec::new();
+    let mut counters = Vec::new();
     for &name in pinned {
         let old_path = old_dir.join(name);
         if !old_path.exists() {
@@ -284,6 +394,11 @@ pub(super) fn migrate(
             );
             continue;
         };
+        copied.push(name);
+        if copier.phase == Phase::AfterSwap {
+            counters.push((name, old_path, copier.copy));
+            continue;
+        }
         let migrate_err = |op| {
             let path = old_path.clone();
             move |e| EbpfError::Migrate {
@@ -305,9 +420,12 @@ pub(super) fn migrate(
             entries,
             "migrated map"
         );
-        copied.push(name);
     }
-    Ok(Some(Migration { version, copied }))
+    Ok(Some(Migration {
+        version,
+        copied,
+        counters,
+    }))
 }
 
 #[cfg(test)]
@@ -325,6 +443,38 @@ mod tests {
             assert_eq!((c.key_size, c.value_size), (key, value), "{name}");
         }
         assert!(copier("FLANNEL_NO_SUCH_MAP").is_none());
+    }
+
+    /// State goes before the swap, so the new programs find every peer; counters after
+    /// it, so nothing the old programs count until the swap is lost.
+    #[test]
+    fn state_before_the_swap_counters_after() {
+        for name in [MAP_CONFIG, MAP_UDP_CONFIG, MAP_PEERS, MAP_SOURCES] {
+            assert_eq!(copier(name).unwrap().phase, Phase::BeforeSwap, "{name}");
+        }
+        for name in [MAP_STATS, MAP_PEER_COUNTERS, MAP_REASONS] {
+            assert_eq!(copier(name).unwrap().phase, Phase::AfterSwap, "{name}");
+        }
+    }
+
+    #[test]
+    fn counters_add_up_wrapping() {
+        assert_eq!(u64::MAX.plus(3), 2);
+        let a = PeerCounters {
+            tx_packets: 1,
+            tx_bytes: 2,
+            rx_packets: 3,
+            rx_bytes: u64::MAX,
+        };
+        assert_eq!(
+            a.plus(a),
+            PeerCounters {
+                tx_packets: 2,
+                tx_bytes: 4,
+                rx_packets: 6,
+                rx_bytes: u64::MAX - 1,
+            }
+        );
     }
 
     #[test]
@@ -369,7 +519,11 @@ mod tests {
     #[test]
     fn peers_intact_needs_both_peer_maps() {
         assert!(Migration::peers_intact(None));
-        let m = |copied: Vec<&'static str>| Migration { version: 1, copied };
+        let m = |copied: Vec<&'static str>| Migration {
+            version: 1,
+            copied,
+            counters: Vec::new(),
+        };
         assert!(Migration::peers_intact(Some(&m(vec![
             MAP_PEERS,
             MAP_SOURCES,

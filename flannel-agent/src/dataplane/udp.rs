@@ -18,10 +18,11 @@
 //!
 //! Lifetime. As for the vxlan path: a dropped [`UdpFastPath`] leaves the programs
 //! attached and forwarding; [`UdpFastPath::attach`] reuses the maps of its own layout as
-//! they are, and migrates those of another layout (`udp/v<N>`) before the new programs
-//! replace the old ones on the links: every map whose type and key and value sizes are
-//! unchanged is copied (peers keep their slots, counters go on), a changed one starts
-//! empty with a warning, and the old pins go once the new programs run. Decap keeps
+//! they are, and migrates those of another layout (`udp/v<N>`): every map whose type and
+//! key and value sizes are unchanged is carried over, the state before the new programs
+//! replace the old ones on the links, the counters right after (peers keep their slots,
+//! counters go on); a changed one starts empty with a warning, and the old pins go once
+//! the new programs run. Decap keeps
 //! dropping unknown sources after a migration only if the old layout had been synced and
 //! both peer maps were copied.
 //!
@@ -255,7 +256,11 @@ impl UdpFastPath {
             TcAttachType::Egress,
             &links.join(LINK_ENCAP),
         )?;
-        // The old programs are gone from the links; their maps can go too.
+        // The old programs are gone from the links: what they counted is final.
+        if let Some(m) = migration {
+            m.finish(&mut fp.ebpf);
+        }
+        // Their maps can go too.
         for (version, dir) in &old_layouts {
             remove_pins(dir)?;
             info!(version, "removed pinned udp maps of an old layout");
