@@ -94,7 +94,7 @@ impl Migration {
                         map = name,
                         path = %path.display(),
                         error = %e,
-                        "cannot add the old layout's counts; they restart at zero"
+                        "cannot add (all of) the old layout's counts; those are lost"
                     );
                     continue;
                 }
