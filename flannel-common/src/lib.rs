@@ -14,6 +14,11 @@ pub use maps::Counters;
 /// named after it (`v<N>`), so pinned maps of another layout are never adopted silently.
 /// Bump it on any change to [`maps`] or to the meaning of a map.
 ///
+/// On start the agent migrates the maps of another layout: each map of the same name,
+/// kernel map type and key and value sizes is copied entry by entry (arrays up to the
+/// smaller size), the others start empty. So a map whose meaning changes while its shape
+/// does not must also get a new name, or its old entries would be copied as they are.
+///
 /// 2: `reason::PASS_TTL_EXPIRED` (one more [`MAP_REASONS`] slot) and the udp backend's
 /// [`MAP_UDP_CONFIG`].
 /// 3: `reason::PASS_NO_NEIGH` (one more [`MAP_REASONS`] slot) and the host-gw backend's

@@ -7,16 +7,18 @@ use std::{
     io::{Read as _, Write as _},
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     str::FromStr as _,
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::Duration,
 };
 
 use aya::{
     Ebpf, Pod, TestRun, TestRunOptions,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::SchedClassifier,
+    util::nr_cpus,
 };
 use flannel_agent::{
     dataplane::{FastPathConfig, HostGwFastPath, Ipv4Net, UdpFastPath, VxlanFastPath},
@@ -706,4 +708,169 @@ pub fn expect_decap_inner_checks(
         TC_ACT_OK,
         Some(reason::PASS_NOT_LOCAL),
     );
+}
+
+/// `BPF_F_NO_PREALLOC`, which the kernel requires of LPM tries.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// A layout directory (`v<N>`) of maps pinned by hand, as a flanneld of another layout
+/// version would have left them: made with aya and filled before the agent looks. The
+/// private bpffs it lives on releases the maps when it is unmounted.
+pub struct LayoutDir {
+    dir: PathBuf,
+}
+
+impl LayoutDir {
+    /// Creates `dir` (and its parents).
+    pub fn create(dir: PathBuf) -> LayoutDir {
+        std::fs::create_dir_all(&dir).expect("create the layout directory");
+        LayoutDir { dir }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pins array `name` with `max_entries` slots and `entries` set.
+    pub fn array<V: Pod>(&self, name: &str, max_entries: u32, entries: &[(u32, V)]) {
+        let mut map = Array::<MapData, V>::create(max_entries, 0).expect("create array");
+        for (i, v) in entries {
+            map.set(*i, v, 0).expect("set array entry");
+        }
+        map.pin(self.dir.join(name)).expect("pin array");
+    }
+
+    /// Pins per-CPU array `name` with `max_entries` slots and `entries` set, one value
+    /// per CPU (see [`per_cpu`]).
+    pub fn per_cpu_array<V: Pod>(&self, name: &str, max_entries: u32, entries: &[(u32, Vec<V>)]) {
+        let mut map =
+            PerCpuArray::<MapData, V>::create(max_entries, 0).expect("create per-CPU array");
+        for (i, values) in entries {
+            let values = PerCpuValues::try_from(values.clone()).expect("one value per CPU");
+            map.set(*i, values, 0).expect("set per-CPU entry");
+        }
+        map.pin(self.dir.join(name)).expect("pin per-CPU array");
+    }
+
+    /// Pins hash map `name` of `max_entries` with `entries`.
+    pub fn hash<K: Pod, V: Pod>(&self, name: &str, max_entries: u32, entries: &[(K, V)]) {
+        let mut map = HashMap::<MapData, K, V>::create(max_entries, 0).expect("create hash");
+        for (k, v) in entries {
+            map.insert(k, v, 0).expect("insert hash entry");
+        }
+        map.pin(self.dir.join(name)).expect("pin hash");
+    }
+
+    /// Pins LPM trie `name` of `max_entries` with `entries`.
+    pub fn lpm_trie<K: Pod, V: Pod>(&self, name: &str, max_entries: u32, entries: &[(Key<K>, V)]) {
+        let mut map = LpmTrie::<MapData, K, V>::create(max_entries, BPF_F_NO_PREALLOC)
+            .expect("create LPM trie");
+        for (k, v) in entries {
+            map.insert(k, v, 0).expect("insert LPM entry");
+        }
+        map.pin(self.dir.join(name)).expect("pin LPM trie");
+    }
+}
+
+/// One value per possible CPU, `f(cpu)` each: distinct values show that a per-CPU copy
+/// kept every CPU's own.
+pub fn per_cpu<V>(f: impl Fn(u64) -> V) -> Vec<V> {
+    let cpus = nr_cpus().expect("number of CPUs");
+    (0..cpus as u64).map(f).collect()
+}
+
+/// The map pinned at `path` as aya's typed map `T` (for example
+/// `Array<MapData, Config>`); panics when it is not there or has other sizes.
+pub fn open_pinned<T>(path: &Path) -> T
+where
+    T: TryFrom<Map>,
+    T::Error: std::fmt::Debug,
+{
+    let data = MapData::from_pin(path)
+        .unwrap_or_else(|e| panic!("open pinned map {}: {e}", path.display()));
+    let map = Map::from_map_data(data).expect("a known map type");
+    T::try_from(map).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
+}
+
+/// The entries of the peer map and the source map for peer `subnet` at `public_ip` with
+/// VtepMAC `vtep_mac` in counter slot `slot`, as the agent writes them.
+pub fn peer_map_entries(
+    subnet: Ipv4Net,
+    public_ip: Ipv4Addr,
+    vtep_mac: [u8; 6],
+    slot: u32,
+) -> ((Key<u32>, Peer), (u32, PeerSource)) {
+    (
+        (
+            Key::new(u32::from(subnet.prefix_len()), be(subnet.addr())),
+            Peer {
+                public_ip_be: be(public_ip),
+                index: slot,
+                vtep_mac,
+                _pad: [0; 2],
+            },
+        ),
+        (
+            be(public_ip),
+            PeerSource {
+                subnet_be: be(subnet.addr()),
+                mask_be: mask(subnet.prefix_len()),
+                index: slot,
+                _pad: 0,
+            },
+        ),
+    )
+}
+
+/// What the calling thread logs through `tracing` while this lives (other threads are
+/// not affected).
+pub struct LogCapture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+/// A writer into a [`LogCapture`]'s buffer.
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Starts capturing the calling thread's events of level INFO and above.
+    pub fn start() -> LogCapture {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&buf);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || CaptureWriter(Arc::clone(&writer)))
+            .finish();
+        LogCapture {
+            buf,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().expect("log buffer")).into_owned()
+    }
+
+    /// The captured lines at WARN level.
+    pub fn warnings(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(" WARN "))
+            .map(str::to_owned)
+            .collect()
+    }
 }

@@ -10,23 +10,32 @@
 //! handle exactly is `TC_ACT_OK` (the kernel's vxlan path takes it), counted by reason;
 //! spoofed VXLAN is `TC_ACT_SHOT`, counted; forwarded packets are `TC_ACT_REDIRECT`.
 
-use std::{net::Ipv4Addr, str::FromStr as _};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr as _,
+};
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType},
+};
 use flannel_agent::{
-    dataplane::{FastPathConfig, Ipv4Net, VxlanFastPath},
+    dataplane::{FastPathConfig, Ipv4Net, PeerEntry, VxlanFastPath},
     mac::MacAddr,
 };
 use flannel_common::{
-    MAP_CONFIG, MAP_PEERS, PROG_DECAP, PROG_ENCAP,
-    maps::{Config, FLAG_PEERS_SYNCED, reason},
+    LAYOUT_VERSION, MAP_CONFIG, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, PROG_DECAP,
+    PROG_ENCAP,
+    maps::{Config, FLAG_PEERS_SYNCED, MAX_PEERS, Peer, PeerCounters, PeerSource, reason},
 };
 use flannel_tests::{
     NetNs,
     bpf::{
-        InNetns, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-        add_flannel_vxlan, add_vxlan_peer, counters_for, expect_decap_inner_checks, in_netns,
-        kernel_vxlan_host, ping, reason_count, require_root_and_bpf, tcp_both_ways,
+        InNetns, LayoutDir, LogCapture, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT, add_flannel_vxlan, add_vxlan_peer, counters_for,
+        expect_decap_inner_checks, in_netns, kernel_vxlan_host, nonzero_reasons, open_pinned,
+        peer_map_entries, per_cpu, ping, reason_count, require_root_and_bpf, tcp_both_ways,
         vxlan_fast_path_config,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp, vxlan_hdr},
@@ -811,7 +820,8 @@ fn probe_and_pinned_layouts() {
     );
     std::fs::remove_file(layout.join(MAP_CONFIG)).unwrap();
 
-    // Maps of another layout version are replaced, and their pins removed after attach.
+    // Maps of another layout version are migrated where their shape allows (this config
+    // map's does not), and their pins removed after attach.
     let old = pin_dir.join("v0");
     std::fs::create_dir_all(&old).unwrap();
     bpftool_create(&old.join(MAP_CONFIG), "8");
@@ -841,6 +851,346 @@ fn probe_and_pinned_layouts() {
     fp.detach_and_unpin().expect("detach");
     assert!(tcx_programs("flannel.1", TcAttachType::Egress).is_empty());
     assert!(tcx_programs("eth0", TcAttachType::Ingress).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Layout migration
+// ---------------------------------------------------------------------------------------
+
+/// Where a flanneld of the previous layout version pinned its maps.
+fn previous_layout(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{}", LAYOUT_VERSION - 1))
+}
+
+/// The config an older flanneld on `host` left: its node, peers synced or not, ifindexes
+/// of devices long gone (the new agent writes its own).
+fn old_config(host: &Host, flags: u32) -> Config {
+    Config {
+        public_ip_be: be(host.public_ip),
+        subnet_be: be(host.subnet.addr()),
+        subnet_mask_be: mask(host.subnet.prefix_len()),
+        vni: 1,
+        underlay_ifindex: 9001,
+        vxlan_ifindex: 9002,
+        underlay_mtu: 1500,
+        flags,
+        port_be: 8472u16.to_be(),
+        vtep_mac: MacAddr::from_str(host.vtep_mac).unwrap().0,
+    }
+}
+
+/// Counters an older flanneld counted for a peer, different on every CPU.
+fn old_peer_counters(seed: u64) -> Vec<PeerCounters> {
+    per_cpu(|cpu| PeerCounters {
+        tx_packets: seed + cpu,
+        tx_bytes: seed * 100 + cpu,
+        rx_packets: seed * 2 + cpu,
+        rx_bytes: seed * 200 + cpu,
+    })
+}
+
+fn sum(counters: &[PeerCounters]) -> PeerCounters {
+    counters
+        .iter()
+        .fold(PeerCounters::default(), |a, c| a.add(*c))
+}
+
+/// The slot of `subnet` in the peer map pinned in `layout`.
+fn pinned_slot(layout: &Path, subnet: Ipv4Net) -> u32 {
+    let trie: LpmTrie<MapData, u32, Peer> = open_pinned(&layout.join(MAP_PEERS));
+    trie.get(
+        &Key::new(u32::from(subnet.prefix_len()), be(subnet.addr())),
+        0,
+    )
+    .expect("peer pinned")
+    .index
+}
+
+/// The source map pinned in `layout`, by PublicIP.
+fn pinned_sources(layout: &Path) -> Vec<(u32, PeerSource)> {
+    let hash: HashMap<MapData, u32, PeerSource> = open_pinned(&layout.join(MAP_SOURCES));
+    let mut out: Vec<_> = hash.iter().map(Result::unwrap).collect();
+    out.sort_unstable_by_key(|(ip, _)| *ip);
+    out
+}
+
+/// The configuration pinned in `layout`.
+fn pinned_config(layout: &Path) -> Config {
+    let array: Array<MapData, Config> = open_pinned(&layout.join(MAP_CONFIG));
+    array.get(&0, 0).unwrap()
+}
+
+/// Two vxlan hosts A and B on an underlay, each with the other as a kernel peer, and no
+/// IPv6 in A's namespace (router solicitations on flannel.1 would count as
+/// `pass_not_ipv4` and move the reason counts the tests compare).
+fn migration_hosts(ul: &mut flannel_tests::Underlay, prefix: &str) -> (Host, Host) {
+    let a = Host::new(ul, &format!("{prefix}a"), 1, HOST_MAC_A);
+    let b = Host::new(ul, &format!("{prefix}b"), 2, HOST_MAC_B);
+    a.add_peer(&b);
+    b.add_peer(&a);
+    a.ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    (a, b)
+}
+
+#[test]
+fn migrates_an_old_layout_without_a_gap() {
+    const TEST: &str = "migrates_an_old_layout_without_a_gap";
+    if !require_root_and_bpf(TEST) {
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.89.0");
+    let (a, b) = migration_hosts(&mut ul, "m");
+    let _inside = InNetns::enter(&a.ns);
+    let pin_dir = bpffs.pin_dir();
+    let layout = pin_dir.join(format!("v{LAYOUT_VERSION}"));
+
+    // What a synced flanneld of the previous layout left: peers B and C (a node that is
+    // down, so no traffic), each in its own slot with its own counters, and a reasons
+    // array one reason shorter than ours.
+    const SLOT_B: u32 = 7;
+    const SLOT_C: u32 = 2;
+    let c = PeerEntry {
+        subnet: "10.244.3.0/24".parse().unwrap(),
+        public_ip: Ipv4Addr::new(10, 89, 0, 200),
+        vtep_mac: MacAddr::from_str("02:fc:00:00:00:0c").unwrap(),
+    };
+    let (b_route, b_source) = peer_map_entries(
+        b.subnet,
+        b.public_ip,
+        MacAddr::from_str(b.vtep_mac).unwrap().0,
+        SLOT_B,
+    );
+    let (c_route, c_source) = peer_map_entries(c.subnet, c.public_ip, c.vtep_mac.0, SLOT_C);
+    let (b_counters, c_counters) = (old_peer_counters(1000), old_peer_counters(50));
+    let old_reasons: Vec<(u32, Vec<u64>)> = (0..reason::COUNT - 1)
+        .map(|i| (i, per_cpu(|cpu| u64::from(i + 1) * 1000 + cpu)))
+        .collect();
+    let old = LayoutDir::create(previous_layout(&pin_dir));
+    old.array(MAP_CONFIG, 1, &[(0, old_config(&a, FLAG_PEERS_SYNCED))]);
+    old.lpm_trie(MAP_PEERS, MAX_PEERS, &[b_route, c_route]);
+    old.hash(MAP_SOURCES, MAX_PEERS, &[b_source, c_source]);
+    old.per_cpu_array(
+        MAP_PEER_COUNTERS,
+        MAX_PEERS,
+        &[(SLOT_B, b_counters.clone()), (SLOT_C, c_counters.clone())],
+    );
+    old.per_cpu_array(MAP_REASONS, reason::COUNT - 1, &old_reasons);
+
+    let logs = LogCapture::start();
+    let mut fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("attach");
+    assert!(
+        logs.warnings().is_empty(),
+        "every map had our shape: {:?}",
+        logs.warnings()
+    );
+    for name in [
+        MAP_CONFIG,
+        MAP_PEERS,
+        MAP_SOURCES,
+        MAP_PEER_COUNTERS,
+        MAP_REASONS,
+    ] {
+        assert!(
+            logs.text()
+                .lines()
+                .any(|l| l.contains("migrated map") && l.contains(name)),
+            "{name} migrated: {}",
+            logs.text()
+        );
+    }
+    assert!(!old.path().exists(), "the old layout's pins are removed");
+
+    // Peers and sources as they were, in the same slots.
+    assert_eq!(fp.peers(), vec![b.peer_entry(), c], "peers migrated");
+    assert_eq!(pinned_slot(&layout, b.subnet), SLOT_B);
+    assert_eq!(pinned_slot(&layout, c.subnet), SLOT_C);
+    let mut sources = vec![b_source, c_source];
+    sources.sort_unstable_by_key(|(ip, _)| *ip);
+    assert_eq!(pinned_sources(&layout), sources, "sources migrated");
+    // Counters, CPU by CPU, in the peers' slots.
+    let counters: PerCpuArray<MapData, PeerCounters> = open_pinned(&layout.join(MAP_PEER_COUNTERS));
+    assert_eq!(counters.get(&SLOT_B, 0).unwrap().to_vec(), b_counters);
+    assert_eq!(counters.get(&SLOT_C, 0).unwrap().to_vec(), c_counters);
+    assert_eq!(counters_for(&fp, b.subnet), sum(&b_counters));
+    // The reasons both layouts have kept their counts; the new one starts at zero.
+    let reasons = fp.drop_counters().unwrap();
+    assert_eq!(reasons.len(), reason::COUNT as usize);
+    for (i, (name, count)) in reasons.iter().enumerate() {
+        let expected = old_reasons
+            .get(i)
+            .map_or(0, |(_, per_cpu)| per_cpu.iter().sum());
+        assert_eq!(*count, expected, "reason {name}");
+    }
+    // The old layout was synced and both peer maps came along: decap goes on dropping
+    // unknown sources. The node's own part of the config is this agent's.
+    let cfg = pinned_config(&layout);
+    assert_ne!(cfg.flags & FLAG_PEERS_SYNCED, 0, "still synced");
+    assert_eq!(cfg.vxlan_ifindex, flannel_tests::bpf::ifindex("flannel.1"));
+
+    // Before any sync: traffic with B takes the fast path both ways, counted on B's slot.
+    let unknown_before = reason_count(&fp, "drop_unknown_source");
+    ping(&a.container, b.container_ip(), 5);
+    ping(&b.container, a.container_ip(), 5);
+    let after = counters_for(&fp, b.subnet);
+    let before = sum(&b_counters);
+    assert_eq!(
+        (after.tx_packets, after.rx_packets),
+        (before.tx_packets + 10, before.rx_packets + 10),
+        "pings took the migrated fast path: {after:?}; reasons {:?}",
+        fp.drop_counters()
+    );
+    assert_eq!(reason_count(&fp, "drop_unknown_source"), unknown_before);
+
+    // The agent's first sync (C has left) changes nothing for B: same slot, counters on.
+    fp.sync_peers(&[b.peer_entry()]).expect("sync");
+    assert_eq!(fp.peers(), vec![b.peer_entry()]);
+    assert_eq!(pinned_slot(&layout, b.subnet), SLOT_B);
+    assert_eq!(counters_for(&fp, b.subnet), after);
+
+    fp.detach_and_unpin().expect("detach");
+    assert!(!pin_dir.exists(), "pins removed");
+}
+
+#[test]
+fn migration_leaves_a_changed_map_empty() {
+    const TEST: &str = "migration_leaves_a_changed_map_empty";
+    if !require_root_and_bpf(TEST) {
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.88.0");
+    let (a, b) = migration_hosts(&mut ul, "n");
+    let _inside = InNetns::enter(&a.ns);
+    let pin_dir = bpffs.pin_dir();
+    let layout = pin_dir.join(format!("v{LAYOUT_VERSION}"));
+
+    // A synced old layout whose source map has another value size (8 bytes, ours has
+    // 16), and no reasons map at all.
+    const SLOT_B: u32 = 5;
+    let (b_route, b_source) = peer_map_entries(
+        b.subnet,
+        b.public_ip,
+        MacAddr::from_str(b.vtep_mac).unwrap().0,
+        SLOT_B,
+    );
+    let b_counters = old_peer_counters(300);
+    let old = LayoutDir::create(previous_layout(&pin_dir));
+    old.array(MAP_CONFIG, 1, &[(0, old_config(&a, FLAG_PEERS_SYNCED))]);
+    old.lpm_trie(MAP_PEERS, MAX_PEERS, &[b_route]);
+    old.hash::<u32, [u32; 2]>(
+        MAP_SOURCES,
+        MAX_PEERS,
+        &[(b_source.0, [b_source.1.subnet_be, b_source.1.mask_be])],
+    );
+    old.per_cpu_array(
+        MAP_PEER_COUNTERS,
+        MAX_PEERS,
+        &[(SLOT_B, b_counters.clone())],
+    );
+
+    let logs = LogCapture::start();
+    let mut fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("attach");
+    let changed: Vec<String> = logs
+        .warnings()
+        .into_iter()
+        .filter(|l| l.contains("map layout changed"))
+        .collect();
+    assert_eq!(changed.len(), 1, "one map changed: {}", logs.text());
+    for part in [MAP_SOURCES, "value 8 B", "value 16 B"] {
+        assert!(changed[0].contains(part), "{part} in {}", changed[0]);
+    }
+    assert!(!old.path().exists(), "the old layout's pins are removed");
+
+    // The other maps came along: B keeps its slot and counters.
+    assert_eq!(fp.peers(), vec![b.peer_entry()]);
+    assert_eq!(pinned_slot(&layout, b.subnet), SLOT_B);
+    assert_eq!(counters_for(&fp, b.subnet), sum(&b_counters));
+    // The source map starts empty, so decap must not drop unknown sources yet.
+    assert!(pinned_sources(&layout).is_empty(), "no sources copied");
+    assert_eq!(
+        pinned_config(&layout).flags & FLAG_PEERS_SYNCED,
+        0,
+        "not synced"
+    );
+    assert!(fp.drop_counters().unwrap().iter().all(|(_, n)| *n == 0));
+
+    // Encap carries A -> B; B's VXLAN is no known source yet and goes to the kernel,
+    // which delivers it: the pings get their replies.
+    ping(&a.container, b.container_ip(), 3);
+    let c1 = counters_for(&fp, b.subnet);
+    let before = sum(&b_counters);
+    assert_eq!(
+        (c1.tx_packets, c1.rx_packets),
+        (before.tx_packets + 3, before.rx_packets)
+    );
+    assert_eq!(reason_count(&fp, "pass_not_synced"), 3);
+    assert_eq!(reason_count(&fp, "drop_unknown_source"), 0);
+
+    // The sync writes B's source entry, for B's slot, and turns on dropping.
+    fp.sync_peers(&[b.peer_entry()]).expect("sync");
+    assert_eq!(
+        pinned_sources(&layout),
+        vec![b_source],
+        "source from the sync"
+    );
+    assert_ne!(pinned_config(&layout).flags & FLAG_PEERS_SYNCED, 0);
+    ping(&b.container, a.container_ip(), 2);
+    let c2 = counters_for(&fp, b.subnet);
+    assert_eq!(
+        (c2.tx_packets, c2.rx_packets),
+        (c1.tx_packets + 2, c1.rx_packets + 2)
+    );
+
+    fp.detach_and_unpin().expect("detach");
+}
+
+/// A live upgrade: the old programs forward with the old maps while the new agent
+/// migrates them, under a steady ping. The old layout is made by renaming a running
+/// fast path's layout directory to the previous version: its programs stay attached and
+/// keep using those maps, as a running flanneld of the previous layout would.
+#[test]
+fn live_migration_keeps_the_fast_path() {
+    const TEST: &str = "live_migration_keeps_the_fast_path";
+    if !require_root_and_bpf(TEST) {
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.86.0");
+    let (a, b) = migration_hosts(&mut ul, "l");
+    let _inside = InNetns::enter(&a.ns);
+    let pin_dir = bpffs.pin_dir();
+    let layout = pin_dir.join(format!("v{LAYOUT_VERSION}"));
+    let mut fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("attach");
+    fp.sync_peers(&[b.peer_entry()]).expect("sync");
+    ping(&a.container, b.container_ip(), 2);
+    drop(fp);
+    std::fs::rename(&layout, previous_layout(&pin_dir)).expect("rename on bpffs");
+
+    // 300 pings, 10 ms apart; the new agent starts in the middle.
+    const PINGS: u64 = 300;
+    let mut cmd = a.container.command("ping");
+    cmd.args(["-c", &PINGS.to_string(), "-i", "0.01", "-W", "1"])
+        .arg(b.container_ip().to_string());
+    let pinger = std::thread::spawn(move || flannel_tests::run(&mut cmd));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let fp = VxlanFastPath::attach(a.fast_path_config(pin_dir.clone())).expect("attach");
+    let out = pinger.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(" 0% packet loss"), "no loss: {stdout}");
+    assert!(!previous_layout(&pin_dir).exists(), "old layout unpinned");
+
+    // Every packet took the fast path, through the old programs and then the new ones:
+    // nothing fell back to the kernel (no reason moved, none of the old layout's
+    // reasons was anything but zero), and the counters went on from the old ones.
+    assert_eq!(nonzero_reasons(&fp), vec![], "no packet left the fast path");
+    let c = counters_for(&fp, b.subnet);
+    assert_eq!(
+        (c.tx_packets, c.rx_packets),
+        (2 + PINGS, 2 + PINGS),
+        "every packet counted once, before or after the swap"
+    );
+    fp.detach_and_unpin().expect("detach");
 }
 
 /// Names of the TCX programs on `ifname` (in the calling thread's namespace).

@@ -25,19 +25,24 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{
+    maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType},
+};
 use flannel_agent::dataplane::{Ipv4Net, UdpFastPath, UdpFastPathConfig, UdpPeerEntry};
 use flannel_common::{
-    MAP_PEERS, MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP,
-    maps::{FLAG_PEERS_SYNCED, UdpConfig, reason},
+    LAYOUT_VERSION, MAP_PEER_COUNTERS, MAP_PEERS, MAP_REASONS, MAP_SOURCES, MAP_UDP_CONFIG,
+    PROG_UDP_DECAP, PROG_UDP_ENCAP,
+    maps::{FLAG_PEERS_SYNCED, MAX_PEERS, Peer, PeerCounters, UdpConfig, reason},
 };
 use flannel_tests::{
     NetNs,
     bpf::{
-        NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        LayoutDir, NEXT_HOP_MAC, PrivateBpffs, ProgLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         add_container, add_flannel_vxlan, add_vxlan_peer, counters_for, expect_decap_inner_checks,
-        ifindex, in_netns, kernel_vxlan_host, nonzero_reasons, ping, reason_count,
-        require_root_and_bpf, tcp_both_ways, tcp_transfer, vxlan_fast_path_config,
+        ifindex, in_netns, kernel_vxlan_host, nonzero_reasons, open_pinned, peer_map_entries,
+        per_cpu, ping, reason_count, require_root_and_bpf, tcp_both_ways, tcp_transfer,
+        vxlan_fast_path_config,
     },
     packet::{Ip, be, checksum, eth, icmp, mask, udp},
     require_root,
@@ -1267,7 +1272,8 @@ fn udp_pins_layouts_and_a_recreated_tun() {
     );
     std::fs::remove_file(udp_layout.join(MAP_UDP_CONFIG)).unwrap();
 
-    // Maps of another layout version are replaced, their pins removed after attach.
+    // Maps of another layout version are migrated where their shape allows (this config
+    // map's does not), their pins removed after attach.
     let old = pin_dir.join("udp").join("v1");
     std::fs::create_dir_all(&old).unwrap();
     bpftool_create(&old.join(MAP_UDP_CONFIG), "8");
@@ -1332,4 +1338,107 @@ fn udp_pins_layouts_and_a_recreated_tun() {
     );
     fv.detach_and_unpin().expect("detach vxlan");
     assert!(!pin_dir.exists(), "nothing left");
+}
+
+#[test]
+fn udp_migrates_an_old_layout() {
+    const TEST: &str = "udp_migrates_an_old_layout";
+    if !require_root_and_bpf(TEST) {
+        return;
+    }
+    let bpffs = PrivateBpffs::mount();
+    let mut ul = flannel_tests::Underlay::new("10.87.0");
+    let a = Host::new(&mut ul, "ma", 1);
+    let b = Host::new(&mut ul, "mb", 2);
+    // No IPv6 on A: flannel0's router solicitations would move the reason counts.
+    a.ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    let mut fb = b.attach(bpffs.host_pin_dir("b"));
+    fb.sync_peers(&[a.peer_entry()]).expect("sync B");
+
+    // What a synced udp fast path of the previous layout left on A: peer B in slot 5
+    // with its counters, and a reasons array one reason shorter than ours.
+    const SLOT_B: u32 = 5;
+    let pin_dir = bpffs.host_pin_dir("a");
+    let udp_dir = pin_dir.join("udp");
+    let layout = udp_dir.join(format!("v{LAYOUT_VERSION}"));
+    let old = LayoutDir::create(udp_dir.join(format!("v{}", LAYOUT_VERSION - 1)));
+    let (b_route, b_source) = peer_map_entries(b.subnet, b.public_ip, [0; 6], SLOT_B);
+    let b_counters = per_cpu(|cpu| PeerCounters {
+        tx_packets: 400 + cpu,
+        tx_bytes: 40_000 + cpu,
+        rx_packets: 500 + cpu,
+        rx_bytes: 50_000 + cpu,
+    });
+    let old_reasons: Vec<(u32, Vec<u64>)> = (0..reason::COUNT - 1)
+        .map(|i| (i, per_cpu(|cpu| u64::from(i) * 10 + cpu + 1)))
+        .collect();
+    old.array(
+        MAP_UDP_CONFIG,
+        1,
+        &[(
+            0,
+            UdpConfig {
+                public_ip_be: be(a.public_ip),
+                subnet_be: be(a.subnet.addr()),
+                subnet_mask_be: mask(24),
+                underlay_ifindex: 9001,
+                tun_ifindex: 9002,
+                underlay_mtu: 1500,
+                flags: FLAG_PEERS_SYNCED,
+                port_be: PORT.to_be(),
+                _pad: 0,
+            },
+        )],
+    );
+    old.lpm_trie(MAP_PEERS, MAX_PEERS, &[b_route]);
+    old.hash(MAP_SOURCES, MAX_PEERS, &[b_source]);
+    old.per_cpu_array(
+        MAP_PEER_COUNTERS,
+        MAX_PEERS,
+        &[(SLOT_B, b_counters.clone())],
+    );
+    old.per_cpu_array(MAP_REASONS, reason::COUNT - 1, &old_reasons);
+
+    let fa = a.attach(pin_dir.clone());
+    assert!(!old.path().exists(), "the old layout's pins are removed");
+    assert_eq!(fa.peers(), vec![b.peer_entry()], "peer migrated");
+    let trie: LpmTrie<MapData, u32, Peer> = open_pinned(&layout.join(MAP_PEERS));
+    let slot = trie
+        .get(&Key::new(24, be(b.subnet.addr())), 0)
+        .expect("peer pinned")
+        .index;
+    assert_eq!(slot, SLOT_B, "same slot");
+    let counters: PerCpuArray<MapData, PeerCounters> = open_pinned(&layout.join(MAP_PEER_COUNTERS));
+    assert_eq!(counters.get(&SLOT_B, 0).unwrap().to_vec(), b_counters);
+    let reasons = fa.drop_counters().unwrap();
+    for (i, (name, count)) in reasons.iter().enumerate() {
+        let expected = old_reasons
+            .get(i)
+            .map_or(0, |(_, per_cpu)| per_cpu.iter().sum());
+        assert_eq!(*count, expected, "reason {name}");
+    }
+    let cfg: Array<MapData, UdpConfig> = open_pinned(&layout.join(MAP_UDP_CONFIG));
+    assert_ne!(
+        cfg.get(&0, 0).unwrap().flags & FLAG_PEERS_SYNCED,
+        0,
+        "still synced"
+    );
+
+    // Before any sync, with no userspace proxy on either side: whatever crosses, A's
+    // migrated fast path carried, both ways, on B's slot.
+    let before = b_counters
+        .iter()
+        .fold(PeerCounters::default(), |acc, c| acc.add(*c));
+    ping(&a.container, b.container_ip(), 3);
+    ping(&b.container, a.container_ip(), 3);
+    let after = counters_for(&fa, b.subnet);
+    assert_eq!(
+        (after.tx_packets, after.rx_packets),
+        (before.tx_packets + 6, before.rx_packets + 6),
+        "{after:?}; reasons {:?}",
+        nonzero_reasons(&fa)
+    );
+
+    fa.detach_and_unpin().expect("detach A");
+    fb.detach_and_unpin().expect("detach B");
 }

@@ -238,9 +238,10 @@ fn host_gw_ebpf_forwarder_carries_pod_traffic_and_outlives_flanneld() {
 
     // The restart adopts the pins: same counters, no flush.
     let mut fa = a.flanneld(&c.etcd, &["--dataplane=ebpf"]);
-    fa.expect_log(
-        "adopted pinned host-gw eBPF maps",
-        flannel_tests::FLANNELD_READY,
+    let line = fa.expect_log("adopted pinned eBPF maps", flannel_tests::FLANNELD_READY);
+    assert!(
+        line.contains(r#"fast_path="host-gw""#) && line.contains("synced=true"),
+        "{line}"
     );
     fa.expect_log("flanneld is ready", flannel_tests::FLANNELD_READY);
     let adopted = wait_until(Duration::from_secs(10), || {

@@ -1,5 +1,5 @@
 //! The eBPF VXLAN fast path, and the pieces the udp fast path (`udp.rs`) shares with it:
-//! with `udp.rs`, the only module that imports aya.
+//! with `udp.rs` and `migrate.rs`, the only modules that import aya.
 //!
 //! Design note. The kernel keeps flannel's vxlan state (device, neighbour, FDB, route per
 //! peer; see `backend/`), and this module puts two TC programs on top of it:
@@ -14,10 +14,19 @@
 //! same layout are reused as they are (entries and counters kept, no flush), the new
 //! programs replace the old ones on the pinned links atomically (`bpf_link_update`), and
 //! the caller then applies only the difference with [`VxlanFastPath::sync_peers`]. Pinned
-//! maps of another layout version are never reused: new maps are created, the entries
-//! that can be converted are copied, the old pins are removed once the new programs run.
-//! Until the first [`VxlanFastPath::sync_peers`], decap hands VXLAN from unknown sources
-//! to the kernel rather than dropping it, so a fresh or migrated start cuts no traffic.
+//! maps of another layout version (`v<N>`) are never reused, they are migrated
+//! (`migrate.rs`): new maps are created, and every old map whose type and key and value
+//! sizes are unchanged is carried over into its new counterpart. The state (peers,
+//! sources, config) is copied before the new programs replace the old ones on the links,
+//! so they know every peer from their first packet; the counters are added right after
+//! the swap, so nothing the old programs counted is lost. Peers keep their slots, and so
+//! their counters. A map whose shape changed is not carried over (a warning names both
+//! shapes) and starts empty. The old pins are removed once the new programs run. Until the first
+//! [`VxlanFastPath::sync_peers`], decap hands VXLAN from unknown sources to the kernel
+//! rather than dropping it, so a fresh start cuts no traffic; after a migration, decap
+//! keeps dropping them only if the old layout had been synced and both peer maps were
+//! copied. A pinned map of our own layout version with other sizes is refused
+//! ([`EbpfError::LayoutMismatch`]): that is a build that forgot to bump the version.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,7 +56,10 @@ use ipnet::Ipv4Net;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use super::sys;
+use super::{
+    migrate::{Migration, migrate},
+    sys,
+};
 use crate::mac::MacAddr;
 
 /// Where the agent pins its maps and links by default.
@@ -103,6 +115,15 @@ pub enum EbpfError {
         path: PathBuf,
         expected: (u32, u32),
         found: (u32, u32),
+    },
+    /// Copying a map of an older layout into this build's failed.
+    #[error("cannot {op} map {name} ({path}) to migrate it to layout v{LAYOUT_VERSION}")]
+    Migrate {
+        op: &'static str,
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<MapError>,
     },
     /// Loading the object (creating or opening its maps) failed.
     #[error("cannot load the bpf object")]
@@ -372,7 +393,7 @@ pub(super) fn check_pinned_layout(layout_dir: &Path, pinned: &[&str]) -> Result<
     Ok(())
 }
 
-/// Pinned layout directories (`v<N>`) other than ours.
+/// Pinned layout directories (`v<N>`) other than ours, by version.
 pub(super) fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
     let entries = fs::read_dir(pin_dir).map_err(|source| EbpfError::PinDir {
         op: "list",
@@ -393,6 +414,7 @@ pub(super) fn other_layouts(pin_dir: &Path) -> Result<Vec<(u32, PathBuf)>, EbpfE
             out.push((version, entry.path()));
         }
     }
+    out.sort_unstable();
     Ok(out)
 }
 
@@ -450,8 +472,20 @@ fn live_pinned_link(
         .map_err(link_err("adopt"))
 }
 
-/// Loads program `name` and attaches it to `ifindex`, replacing the program of the link
-/// pinned at `link_path` in place when that link is live, else with a new pinned link.
+/// Loads (verifies) program `name`, before [`attach_program`].
+pub(super) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
+    classifier(ebpf, name)?
+        .load()
+        .map_err(|e| EbpfError::Program {
+            op: "load",
+            name,
+            source: Box::new(e),
+        })
+}
+
+/// Attaches the loaded ([`load_program`]) program `name` to `ifindex`, replacing the
+/// program of the link pinned at `link_path` in place when that link is live, else with
+/// a new pinned link.
 pub(super) fn attach_program(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -468,10 +502,6 @@ pub(super) fn attach_program(
             source: Box::new(e),
         }
     };
-    // One loaded program may be attached to several devices (host-gw's pod bridges).
-    if prog.fd().is_err() {
-        prog.load().map_err(prog_err("load"))?;
-    }
     let existing = live_pinned_link(link_path, &ifname, attach_type)?;
     let adopted = existing.is_some();
     let link_id = match existing {
@@ -577,25 +607,107 @@ pub(super) struct PeerTable {
     peers: BTreeMap<Ipv4Net, Peer>,
     /// Counter slots in use.
     used_slots: BTreeSet<u32>,
+    /// Peers whose source entry is missing (its map was not migrated, or the agent was
+    /// killed between the two writes): the next upsert writes it, even if unchanged.
+    unsourced: BTreeSet<Ipv4Net>,
+}
+
+/// The source entry of the peer with `subnet` (truncated) in counter slot `index`.
+fn source_entry(subnet: Ipv4Net, index: u32) -> PeerSource {
+    PeerSource {
+        subnet_be: to_be(subnet.addr()),
+        mask_be: to_be(subnet.netmask()),
+        index,
+        _pad: 0,
+    }
 }
 
 impl PeerTable {
-    /// Reads the (adopted) peer map of `ebpf`.
-    pub(super) fn load(ebpf: &Ebpf) -> Result<PeerTable, EbpfError> {
-        let map = ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_PEERS,
-        })?;
-        let trie: LpmTrie<_, u32, Peer> =
-            LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+    /// Reads the peer maps of `ebpf` (adopted as they were, or just migrated) and makes
+    /// them consistent. A peer is its entry in the peer map, which keeps its slot (and so
+    /// its counters); when its source entry is missing or disagrees (a source map that
+    /// could not be migrated, an agent killed between the two writes), the next upsert of
+    /// that peer writes the source entry. Entries the table cannot stand for are removed:
+    /// peer entries with an invalid prefix (or host bits), an invalid slot or one already
+    /// taken, and source entries of no peer (they cannot be completed: the VtepMAC is in
+    /// the peer entry).
+    pub(super) fn load(ebpf: &mut Ebpf) -> Result<PeerTable, EbpfError> {
+        let routes: Vec<(Key<u32>, Peer)> = {
+            let map = ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
+                kind: "map",
+                name: MAP_PEERS,
+            })?;
+            let trie: LpmTrie<_, u32, Peer> =
+                LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
+            trie.iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err("iterate", MAP_PEERS))?
+        };
+        let sources: BTreeMap<u32, PeerSource> = {
+            let map = ebpf.map(MAP_SOURCES).ok_or(EbpfError::Missing {
+                kind: "map",
+                name: MAP_SOURCES,
+            })?;
+            let hash: HashMap<_, u32, PeerSource> =
+                HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
+            hash.iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err("iterate", MAP_SOURCES))?
+        };
         let mut table = PeerTable::default();
-        for item in trie.iter() {
-            let (key, peer) = item.map_err(map_err("iterate", MAP_PEERS))?;
-            let Ok(net) = Ipv4Net::new(from_be(key.data()), key.prefix_len() as u8) else {
+        let mut bad_routes = Vec::new();
+        for (key, peer) in routes {
+            let net = Ipv4Net::new(from_be(key.data()), key.prefix_len() as u8)
+                .ok()
+                .filter(|net| {
+                    net.trunc() == *net
+                        && peer.index < MAX_PEERS
+                        && !table.used_slots.contains(&peer.index)
+                });
+            let Some(net) = net else {
+                bad_routes.push(key);
                 continue;
             };
+            if sources.get(&peer.public_ip_be) != Some(&source_entry(net, peer.index)) {
+                table.unsourced.insert(net);
+            }
             table.used_slots.insert(peer.index);
             table.peers.insert(net, peer);
+        }
+        let orphans: Vec<u32> = sources
+            .iter()
+            .filter(|(ip, source)| {
+                !table
+                    .peers
+                    .values()
+                    .any(|p| p.public_ip_be == **ip && p.index == source.index)
+            })
+            .map(|(ip, _)| *ip)
+            .collect();
+        if !(bad_routes.is_empty() && orphans.is_empty() && table.unsourced.is_empty()) {
+            warn!(
+                removed_peers = bad_routes.len(),
+                removed_sources = orphans.len(),
+                peers_without_source = table.unsourced.len(),
+                "peer maps were inconsistent; the next sync completes them"
+            );
+        }
+        {
+            let mut trie: LpmTrie<_, u32, Peer> =
+                LpmTrie::try_from(map_mut(ebpf, MAP_PEERS)?).map_err(map_err("open", MAP_PEERS))?;
+            for key in &bad_routes {
+                match trie.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err("delete from", MAP_PEERS)(e)),
+                }
+            }
+        }
+        for ip in orphans {
+            // Removes the entry only if no peer of the table owns it, as checked above.
+            let Some(source) = sources.get(&ip) else {
+                continue;
+            };
+            remove_source(ebpf, ip, source.index)?;
         }
         Ok(table)
     }
@@ -629,18 +741,13 @@ impl PeerTable {
             vtep_mac,
             _pad: [0; 2],
         };
-        if old == Some(peer) {
+        if old == Some(peer) && !self.unsourced.contains(&subnet) {
             return Ok(false);
         }
         if old.is_none() {
             reset_counters(ebpf, index)?;
         }
-        let source = PeerSource {
-            subnet_be: to_be(subnet.addr()),
-            mask_be: to_be(subnet.netmask()),
-            index,
-            _pad: 0,
-        };
+        let source = source_entry(subnet, index);
         {
             let map = map_mut(ebpf, MAP_SOURCES)?;
             let mut sources: HashMap<_, u32, PeerSource> =
@@ -662,6 +769,7 @@ impl PeerTable {
         }
         self.peers.insert(subnet, peer);
         self.used_slots.insert(index);
+        self.unsourced.remove(&subnet);
         // The peer moved to another PublicIP: its old source entry goes, after the new one
         // is in place.
         if let Some(old) = old
@@ -693,6 +801,7 @@ impl PeerTable {
         remove_source(ebpf, peer.public_ip_be, peer.index)?;
         self.peers.remove(&subnet);
         self.used_slots.remove(&peer.index);
+        self.unsourced.remove(&subnet);
         debug!(%subnet, "fast path peer removed");
         Ok(())
     }
@@ -775,66 +884,195 @@ fn reset_counters(ebpf: &mut Ebpf, index: u32) -> Result<(), EbpfError> {
         .map_err(map_err("reset", MAP_PEER_COUNTERS))
 }
 
+/// A fast path's node configuration: the one entry (key 0) of its config map.
+pub(super) trait NodeConfig: aya::Pod + Default {
+    /// The name of the config map.
+    const MAP: &'static str;
+    /// Whether an agent wrote it (array maps start zeroed).
+    fn written(&self) -> bool;
+    /// [`FLAG_PEERS_SYNCED`] and future bits.
+    fn flags(&self) -> u32;
+}
+
+impl NodeConfig for Config {
+    const MAP: &'static str = MAP_CONFIG;
+    fn written(&self) -> bool {
+        self.public_ip_be != 0
+    }
+    fn flags(&self) -> u32 {
+        self.flags
+    }
+}
+
+/// Reads the node configuration from the config map of `ebpf`.
+pub(super) fn read_config<C: NodeConfig>(ebpf: &Ebpf) -> Result<C, EbpfError> {
+    let map = ebpf.map(C::MAP).ok_or(EbpfError::Missing {
+        kind: "map",
+        name: C::MAP,
+    })?;
+    let array: Array<_, C> = Array::try_from(map).map_err(map_err("open", C::MAP))?;
+    array.get(&0, 0).map_err(map_err("read", C::MAP))
+}
+
+/// Writes the node configuration into the config map of `ebpf`.
+pub(super) fn write_config<C: NodeConfig>(ebpf: &mut Ebpf, config: C) -> Result<(), EbpfError> {
+    let map = map_mut(ebpf, C::MAP)?;
+    let mut array: Array<_, C> = Array::try_from(map).map_err(map_err("open", C::MAP))?;
+    array.set(0, config, 0).map_err(map_err("write", C::MAP))
+}
+
+/// A fast path's pinned maps, opened for attaching ([`open_pinned`]).
+pub(super) struct PinnedState {
+    /// The object: its pinned maps adopted, created or migrated; its programs verified.
+    pub(super) ebpf: Ebpf,
+    /// `<root>/v<LAYOUT_VERSION>`.
+    pub(super) layout_dir: PathBuf,
+    /// The peer maps as found.
+    pub(super) table: PeerTable,
+    /// The maps say a previous agent synced its peers (and a migration kept them whole):
+    /// decap may go on dropping unknown sources.
+    pub(super) synced: bool,
+}
+
+/// What is left to do once the new programs run on the links ([`Pending::finish`]).
+#[must_use = "the old layout's counters and pins wait for finish()"]
+pub(super) struct Pending {
+    migration: Option<Migration>,
+    old_layouts: Vec<(u32, PathBuf)>,
+    what: &'static str,
+}
+
+impl Pending {
+    /// Adds the old layout's counters (the old programs no longer count) and removes its
+    /// pins. Call right after the new programs replaced the old ones on the links.
+    pub(super) fn finish(self, ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+        if let Some(m) = self.migration {
+            m.finish(ebpf);
+        }
+        for (version, dir) in &self.old_layouts {
+            remove_pins(dir)?;
+            info!(
+                version,
+                fast_path = self.what,
+                "removed pinned maps of an old layout"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What every fast path does before it writes its configuration and attaches: makes
+/// `root` (`pin_dir` itself, or a subdirectory of it) hold `v<LAYOUT_VERSION>/` and
+/// `links/`, mounting bpffs if needed; refuses pinned maps of our version with other
+/// sizes; loads the object with the maps in `pinned` pinned there (adopting what a
+/// previous agent left); verifies `programs` first, so that the old programs run on
+/// until the maps are complete and the swap follows right after; migrates the newest
+/// older layout's maps; reads the peer maps. `what` names the fast path in the logs.
+pub(super) fn open_pinned<C: NodeConfig>(
+    pin_dir: &Path,
+    root: &Path,
+    pinned: &[&'static str],
+    programs: &[&'static str],
+    what: &'static str,
+) -> Result<(PinnedState, Pending), EbpfError> {
+    let object = ebpf_object()?;
+    prepare_pin_dir(pin_dir)?;
+    let layout_dir = root.join(format!("v{LAYOUT_VERSION}"));
+    make_private_dir(&layout_dir)?;
+    make_private_dir(&root.join(LINKS_DIR))?;
+    check_pinned_layout(&layout_dir, pinned)?;
+    let old_layouts = other_layouts(root)?;
+
+    let mut loader = EbpfLoader::new();
+    for name in pinned {
+        loader.map_pin_path(name, layout_dir.join(name));
+    }
+    let mut ebpf = loader
+        .load(object)
+        .map_err(|e| EbpfError::Load(Box::new(e)))?;
+    for &name in programs {
+        load_program(&mut ebpf, name)?;
+    }
+    let migration = migrate(&mut ebpf, &layout_dir, pinned, &old_layouts)?;
+    let previous: C = read_config(&ebpf)?;
+    let table = PeerTable::load(&mut ebpf)?;
+    let synced = previous.written()
+        && previous.flags() & FLAG_PEERS_SYNCED != 0
+        && Migration::peers_intact(migration.as_ref());
+    if let Some(m) = &migration {
+        info!(
+            from = m.version,
+            to = LAYOUT_VERSION,
+            maps = ?m.copied,
+            peers = table.len(),
+            synced,
+            fast_path = what,
+            "migrated pinned eBPF maps of an old layout"
+        );
+    } else if previous.written() {
+        info!(
+            peers = table.len(),
+            synced,
+            fast_path = what,
+            "adopted pinned eBPF maps (layout v{LAYOUT_VERSION})"
+        );
+    }
+    let state = PinnedState {
+        ebpf,
+        layout_dir,
+        table,
+        synced,
+    };
+    Ok((
+        state,
+        Pending {
+            migration,
+            old_layouts,
+            what,
+        },
+    ))
+}
+
 impl VxlanFastPath {
-    /// Loads the programs, adopts or creates the pinned maps, writes the configuration
-    /// and attaches both programs (replacing, without a gap, programs a previous agent
-    /// left attached). Call from a thread in the network namespace of the interfaces.
+    /// Loads the programs, adopts or creates the pinned maps (migrating the entries of an
+    /// older layout's maps into new ones), writes the configuration and attaches both
+    /// programs (replacing, without a gap, programs a previous agent left attached). Call
+    /// from a thread in the network namespace of the interfaces.
     ///
     /// Until the first [`VxlanFastPath::sync_peers`], VXLAN from unknown sources is left
-    /// to the kernel; call it right after attaching with the full peer set.
+    /// to the kernel (unless adopted or migrated maps say the peers were synced); call it
+    /// right after attaching with the full peer set.
     pub fn attach(cfg: FastPathConfig) -> Result<VxlanFastPath, EbpfError> {
-        let object = ebpf_object()?;
         if cfg.vni > 0x00ff_ffff {
             return Err(EbpfError::Config("the VNI has more than 24 bits"));
         }
         if cfg.public_ip.is_unspecified() {
             return Err(EbpfError::Config("the public IP is unspecified"));
         }
-        prepare_pin_dir(&cfg.pin_dir)?;
-        let layout_dir = cfg.pin_dir.join(format!("v{LAYOUT_VERSION}"));
-        make_private_dir(&layout_dir)?;
-        make_private_dir(&cfg.pin_dir.join(LINKS_DIR))?;
-        check_pinned_layout(&layout_dir, PINNED_MAPS)?;
-        let old_layouts = other_layouts(&cfg.pin_dir)?;
-
-        let mut loader = EbpfLoader::new();
-        for name in PINNED_MAPS {
-            loader.map_pin_path(name, layout_dir.join(name));
-        }
-        let ebpf = loader
-            .load(object)
-            .map_err(|e| EbpfError::Load(Box::new(e)))?;
-
+        let (state, pending) = open_pinned::<Config>(
+            &cfg.pin_dir,
+            &cfg.pin_dir,
+            PINNED_MAPS,
+            &[PROG_DECAP, PROG_ENCAP],
+            "vxlan",
+        )?;
         let mut fp = VxlanFastPath {
-            ebpf,
+            ebpf: state.ebpf,
             pin_dir: cfg.pin_dir.clone(),
-            layout_dir,
-            config: Config::default(),
-            table: PeerTable::default(),
-        };
-        let previous = fp.read_config()?;
-        fp.table = PeerTable::load(&fp.ebpf)?;
-        for (version, dir) in &old_layouts {
-            fp.migrate_from(*version, dir);
-        }
-        let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
-        if previous.public_ip_be != 0 {
-            info!(
-                peers = fp.table.len(),
-                synced, "adopted pinned eBPF maps (layout v{LAYOUT_VERSION})"
-            );
-        }
-        fp.config = Config {
-            public_ip_be: to_be(cfg.public_ip),
-            subnet_be: to_be(cfg.subnet.trunc().addr()),
-            subnet_mask_be: to_be(cfg.subnet.netmask()),
-            vni: cfg.vni,
-            underlay_ifindex: cfg.underlay_ifindex,
-            vxlan_ifindex: cfg.vxlan_ifindex,
-            underlay_mtu: cfg.underlay_mtu,
-            flags: if synced { FLAG_PEERS_SYNCED } else { 0 },
-            port_be: cfg.port.to_be(),
-            vtep_mac: cfg.vtep_mac.0,
+            layout_dir: state.layout_dir,
+            config: Config {
+                public_ip_be: to_be(cfg.public_ip),
+                subnet_be: to_be(cfg.subnet.trunc().addr()),
+                subnet_mask_be: to_be(cfg.subnet.netmask()),
+                vni: cfg.vni,
+                underlay_ifindex: cfg.underlay_ifindex,
+                vxlan_ifindex: cfg.vxlan_ifindex,
+                underlay_mtu: cfg.underlay_mtu,
+                flags: if state.synced { FLAG_PEERS_SYNCED } else { 0 },
+                port_be: cfg.port.to_be(),
+                vtep_mac: cfg.vtep_mac.0,
+            },
+            table: state.table,
         };
         fp.write_config()?;
 
@@ -853,49 +1091,12 @@ impl VxlanFastPath {
             TcAttachType::Egress,
             &links.join(LINK_ENCAP),
         )?;
-        // The old programs are gone from the links; their maps can go too.
-        for (version, dir) in &old_layouts {
-            remove_pins(dir)?;
-            info!(version, "removed pinned maps of an old layout");
-        }
+        pending.finish(&mut fp.ebpf)?;
         Ok(fp)
     }
 
-    /// Copies what can be converted from the pinned maps of layout `version`.
-    ///
-    /// Layout 1 is the first; no older layout exists whose entries could be converted.
-    /// Peers are not lost: the agent writes them with [`VxlanFastPath::sync_peers`], and
-    /// until then decap leaves unknown sources to the kernel. Counters restart at zero.
-    fn migrate_from(&mut self, version: u32, dir: &Path) {
-        warn!(
-            version,
-            current = LAYOUT_VERSION,
-            dir = %dir.display(),
-            "pinned maps of another layout are not reused; starting with new maps, peers are re-synced"
-        );
-    }
-
-    fn read_config(&self) -> Result<Config, EbpfError> {
-        let map = self.ebpf.map(MAP_CONFIG).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_CONFIG,
-        })?;
-        let array: Array<_, Config> = Array::try_from(map).map_err(map_err("open", MAP_CONFIG))?;
-        array.get(&0, 0).map_err(map_err("read", MAP_CONFIG))
-    }
-
     fn write_config(&mut self) -> Result<(), EbpfError> {
-        let config = self.config;
-        let map = self.map_mut(MAP_CONFIG)?;
-        let mut array: Array<_, Config> =
-            Array::try_from(map).map_err(map_err("open", MAP_CONFIG))?;
-        array
-            .set(0, config, 0)
-            .map_err(map_err("write", MAP_CONFIG))
-    }
-
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
-        map_mut(&mut self.ebpf, name)
+        write_config(&mut self.ebpf, self.config)
     }
 
     /// The peers in the map now.

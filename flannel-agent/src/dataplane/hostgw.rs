@@ -23,20 +23,31 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, maps::Array, programs::TcAttachType};
+use aya::{Ebpf, programs::TcAttachType};
 use flannel_common::{
-    HOSTGW_PINNED_MAPS, LAYOUT_VERSION, MAP_HOSTGW_CONFIG, PROG_HOSTGW_FROM_PEER,
-    PROG_HOSTGW_TO_PEER,
+    HOSTGW_PINNED_MAPS, MAP_HOSTGW_CONFIG, PROG_HOSTGW_FROM_PEER, PROG_HOSTGW_TO_PEER,
     maps::{FLAG_PEERS_SYNCED, HostGwConfig, PeerCounters},
 };
 use ipnet::Ipv4Net;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use super::ebpf::{
-    EbpfError, LINKS_DIR, PeerTable, attach_program, check_pinned_layout, drop_counters,
-    ebpf_object, from_be, make_private_dir, map_err, map_mut, other_layouts, prepare_pin_dir,
-    probe_programs, remove_pins, to_be, unpin_link, unpin_links,
+use super::{
+    ebpf::{
+        EbpfError, LINKS_DIR, NodeConfig, PeerTable, attach_program, drop_counters, from_be,
+        open_pinned, probe_programs, remove_pins, to_be, unpin_link, unpin_links, write_config,
+    },
+    sys,
 };
+
+impl NodeConfig for HostGwConfig {
+    const MAP: &'static str = MAP_HOSTGW_CONFIG;
+    fn written(&self) -> bool {
+        self.public_ip_be != 0
+    }
+    fn flags(&self) -> u32 {
+        self.flags
+    }
+}
 
 /// Subdirectory of the pin directory that holds the host-gw fast path's pins.
 pub const HOSTGW_PIN_SUBDIR: &str = "hostgw";
@@ -104,67 +115,40 @@ impl HostGwFastPath {
         )
     }
 
-    /// Loads the programs, adopts or creates the pinned maps, writes the configuration
-    /// and attaches `flannel_hostgw_from_peer` to the underlay (replacing, without a gap,
-    /// a program a previous agent left attached). Pod devices come with
-    /// [`HostGwFastPath::set_pod_devices`]; the links a previous agent pinned for them
-    /// are adopted then. Call from a thread in the node's network namespace.
+    /// Loads the programs, adopts, creates or migrates the pinned maps, writes the
+    /// configuration and attaches `flannel_hostgw_from_peer` to the underlay, and
+    /// `flannel_hostgw_to_peer` to the pod devices whose links a previous agent pinned
+    /// (replacing, without a gap, the programs it left attached). Later pod devices come
+    /// with [`HostGwFastPath::set_pod_devices`]. Call from a thread in the node's network
+    /// namespace.
     pub fn attach(cfg: HostGwFastPathConfig) -> Result<HostGwFastPath, EbpfError> {
-        let object = ebpf_object()?;
         if cfg.public_ip.is_unspecified() {
             return Err(EbpfError::Config("the public IP is unspecified"));
         }
-        prepare_pin_dir(&cfg.pin_dir)?;
         let root = cfg.pin_dir.join(HOSTGW_PIN_SUBDIR);
-        let layout_dir = root.join(format!("v{LAYOUT_VERSION}"));
-        make_private_dir(&layout_dir)?;
-        make_private_dir(&root.join(LINKS_DIR))?;
-        check_pinned_layout(&layout_dir, HOSTGW_PINNED_MAPS)?;
-        let old_layouts = other_layouts(&root)?;
-
-        let mut loader = EbpfLoader::new();
-        for name in HOSTGW_PINNED_MAPS {
-            loader.map_pin_path(name, layout_dir.join(name));
-        }
-        let ebpf = loader
-            .load(object)
-            .map_err(|e| EbpfError::Load(Box::new(e)))?;
-
+        let (state, pending) = open_pinned::<HostGwConfig>(
+            &cfg.pin_dir,
+            &root,
+            HOSTGW_PINNED_MAPS,
+            &[PROG_HOSTGW_FROM_PEER, PROG_HOSTGW_TO_PEER],
+            "host-gw",
+        )?;
         let mut fp = HostGwFastPath {
-            ebpf,
+            ebpf: state.ebpf,
             root,
-            layout_dir,
-            config: HostGwConfig::default(),
-            table: PeerTable::default(),
+            layout_dir: state.layout_dir,
+            config: HostGwConfig {
+                public_ip_be: to_be(cfg.public_ip),
+                subnet_be: to_be(cfg.subnet.trunc().addr()),
+                subnet_mask_be: to_be(cfg.subnet.netmask()),
+                underlay_ifindex: cfg.underlay_ifindex,
+                flags: if state.synced { FLAG_PEERS_SYNCED } else { 0 },
+                _pad: 0,
+            },
+            table: state.table,
             pod_devices: BTreeSet::new(),
         };
-        let previous = fp.read_config()?;
-        fp.table = PeerTable::load(&fp.ebpf)?;
-        for (version, dir) in &old_layouts {
-            // Layout 3 is the first with the host-gw fast path: nothing older to convert.
-            warn!(
-                version,
-                current = LAYOUT_VERSION,
-                dir = %dir.display(),
-                "pinned host-gw maps of another layout are not reused; starting with new maps"
-            );
-        }
-        let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
-        if previous.public_ip_be != 0 {
-            info!(
-                peers = fp.table.len(),
-                synced, "adopted pinned host-gw eBPF maps (layout v{LAYOUT_VERSION})"
-            );
-        }
-        fp.config = HostGwConfig {
-            public_ip_be: to_be(cfg.public_ip),
-            subnet_be: to_be(cfg.subnet.trunc().addr()),
-            subnet_mask_be: to_be(cfg.subnet.netmask()),
-            underlay_ifindex: cfg.underlay_ifindex,
-            flags: if synced { FLAG_PEERS_SYNCED } else { 0 },
-            _pad: 0,
-        };
-        fp.write_config()?;
+        write_config(&mut fp.ebpf, fp.config)?;
 
         attach_program(
             &mut fp.ebpf,
@@ -173,32 +157,39 @@ impl HostGwFastPath {
             TcAttachType::Ingress,
             &fp.root.join(LINKS_DIR).join(LINK_FROM_PEER),
         )?;
-        // The old programs are gone from the links; their maps can go too.
-        for (version, dir) in &old_layouts {
-            remove_pins(dir)?;
-            info!(version, "removed pinned host-gw maps of an old layout");
-        }
+        // The pod devices of the previous agent keep their links (and get the new
+        // program) now, so that no old program still runs when the migration finishes.
+        let pinned: BTreeSet<u32> = fp
+            .pinned_pod_links()?
+            .into_iter()
+            .map(|(ifindex, _)| ifindex)
+            .filter(|&ifindex| sys::ifname(ifindex).is_ok())
+            .collect();
+        fp.set_pod_devices(&pinned)?;
+        pending.finish(&mut fp.ebpf)?;
         Ok(fp)
     }
 
-    fn read_config(&self) -> Result<HostGwConfig, EbpfError> {
-        let map = self.ebpf.map(MAP_HOSTGW_CONFIG).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_HOSTGW_CONFIG,
+    /// The `to_peer_<ifindex>` links pinned now: (ifindex, pin path).
+    fn pinned_pod_links(&self) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
+        let links = self.root.join(LINKS_DIR);
+        let entries = fs::read_dir(&links).map_err(|source| EbpfError::PinDir {
+            op: "list",
+            path: links.clone(),
+            source,
         })?;
-        let array: Array<_, HostGwConfig> =
-            Array::try_from(map).map_err(map_err("open", MAP_HOSTGW_CONFIG))?;
-        array.get(&0, 0).map_err(map_err("read", MAP_HOSTGW_CONFIG))
-    }
-
-    fn write_config(&mut self) -> Result<(), EbpfError> {
-        let config = self.config;
-        let map = map_mut(&mut self.ebpf, MAP_HOSTGW_CONFIG)?;
-        let mut array: Array<_, HostGwConfig> =
-            Array::try_from(map).map_err(map_err("open", MAP_HOSTGW_CONFIG))?;
-        array
-            .set(0, config, 0)
-            .map_err(map_err("write", MAP_HOSTGW_CONFIG))
+        Ok(entries
+            .flatten()
+            .filter_map(|entry| {
+                let ifindex = entry
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(LINK_TO_PEER)?
+                    .parse::<u32>()
+                    .ok()?;
+                Some((ifindex, entry.path()))
+            })
+            .collect())
     }
 
     fn to_peer_link(&self, ifindex: u32) -> PathBuf {
@@ -222,23 +213,9 @@ impl HostGwFastPath {
             )?;
             self.pod_devices.insert(ifindex);
         }
-        let links = self.root.join(LINKS_DIR);
-        let pinned = fs::read_dir(&links).map_err(|source| EbpfError::PinDir {
-            op: "list",
-            path: links.clone(),
-            source,
-        })?;
-        for entry in pinned.flatten() {
-            let name = entry.file_name();
-            let Some(ifindex) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(LINK_TO_PEER))
-                .and_then(|i| i.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for (ifindex, path) in self.pinned_pod_links()? {
             if !devices.contains(&ifindex) {
-                unpin_link(&entry.path())?;
+                unpin_link(&path)?;
                 self.pod_devices.remove(&ifindex);
                 debug!(ifindex, "host-gw fast path detached from a pod device");
             }
@@ -272,7 +249,7 @@ impl HostGwFastPath {
         self.table.retain(&mut self.ebpf, &wanted)?;
         if self.config.flags & FLAG_PEERS_SYNCED == 0 {
             self.config.flags |= FLAG_PEERS_SYNCED;
-            self.write_config()?;
+            write_config(&mut self.ebpf, self.config)?;
         }
         Ok(())
     }

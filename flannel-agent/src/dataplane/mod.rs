@@ -1,9 +1,10 @@
 //! Dataplanes: how peer leases become forwarding state in the kernel.
 //!
-//! [`ebpf`], [`udp`] and [`hostgw`] are the only modules that import aya: the VXLAN fast
-//! path (TC programs on `flannel.<VNI>` and the underlay, pinned maps and links), the udp
-//! backend's and the host-gw backend's, which share its maps and pinning rules. [`sys`]
-//! holds their few libc calls (bpffs, interface names).
+//! [`ebpf`], [`udp`], [`hostgw`] and `migrate` are the only modules that import aya: the
+//! VXLAN fast path (TC programs on `flannel.<VNI>` and the underlay, pinned maps and
+//! links), the udp and host-gw backends' fast paths, which share its maps and pinning
+//! rules, and the copy of pinned maps from an older map layout that they do on start.
+//! [`sys`] holds their few libc calls (bpffs, interface names).
 //!
 //! How the vxlan backend uses the fast path (`--dataplane ebpf`, or `auto` when
 //! [`probe`] succeeds):
@@ -23,6 +24,7 @@
 
 pub mod ebpf;
 pub mod hostgw;
+mod migrate;
 mod sys;
 pub mod tun;
 pub mod udp;

@@ -11,9 +11,20 @@
 //! keep running; the maps only say which peers may take the fast lane.
 //!
 //! It shares everything but its configuration with the VXLAN fast path ([`super::ebpf`]):
-//! the BPF object, the peer, source and counter map types, the reasons, the pinning and
-//! adoption rules. Its pins live under `<pin_dir>/udp/` (`v<LAYOUT_VERSION>/<MAP>`,
-//! `links/{encap,decap}`), so the two never share state even with one `pin_dir`.
+//! the BPF object, the peer, source and counter map types, the reasons, the pinning,
+//! adoption and migration rules. Its pins live under `<pin_dir>/udp/`
+//! (`v<LAYOUT_VERSION>/<MAP>`, `links/{encap,decap}`), so the two never share state even
+//! with one `pin_dir`.
+//!
+//! Lifetime. As for the vxlan path: a dropped [`UdpFastPath`] leaves the programs
+//! attached and forwarding; [`UdpFastPath::attach`] reuses the maps of its own layout as
+//! they are, and migrates those of another layout (`udp/v<N>`): every map whose type and
+//! key and value sizes are unchanged is carried over, the state before the new programs
+//! replace the old ones on the links, the counters right after (peers keep their slots,
+//! counters go on); a changed one starts empty with a warning, and the old pins go once
+//! the new programs run. Decap keeps
+//! dropping unknown sources after a migration only if the old layout had been synced and
+//! both peer maps were copied.
 //!
 //! How the udp backend uses it (`--dataplane ebpf`, or `auto` when
 //! [`UdpFastPath::probe`] succeeds):
@@ -48,19 +59,29 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, maps::Array, programs::TcAttachType};
+use aya::{Ebpf, programs::TcAttachType};
 use flannel_common::{
-    LAYOUT_VERSION, MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP, UDP_PINNED_MAPS,
+    MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP, UDP_PINNED_MAPS,
     maps::{FLAG_PEERS_SYNCED, PeerCounters, UdpConfig},
 };
 use ipnet::Ipv4Net;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::ebpf::{
-    EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, PeerTable, attach_program, check_pinned_layout,
-    drop_counters, ebpf_object, from_be, make_private_dir, map_err, map_mut, other_layouts,
-    prepare_pin_dir, probe_programs, remove_pins, to_be, unpin_links,
+    EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, NodeConfig, PeerTable, attach_program,
+    drop_counters, from_be, open_pinned, probe_programs, remove_pins, to_be, unpin_links,
+    write_config,
 };
+
+impl NodeConfig for UdpConfig {
+    const MAP: &'static str = MAP_UDP_CONFIG;
+    fn written(&self) -> bool {
+        self.public_ip_be != 0
+    }
+    fn flags(&self) -> u32 {
+        self.flags
+    }
+}
 
 /// Subdirectory of the pin directory that holds the udp fast path's pins.
 pub const UDP_PIN_SUBDIR: &str = "udp";
@@ -126,75 +147,48 @@ impl UdpFastPath {
         )
     }
 
-    /// Loads the programs, adopts or creates the pinned maps, writes the configuration
-    /// and attaches both programs (replacing, without a gap, programs a previous agent
-    /// left attached). Call from a thread in the network namespace of the interfaces,
-    /// once `flannel0` exists and is up.
+    /// Loads the programs, adopts or creates the pinned maps (migrating the entries of an
+    /// older layout's maps into new ones), writes the configuration and attaches both
+    /// programs (replacing, without a gap, programs a previous agent left attached). Call
+    /// from a thread in the network namespace of the interfaces, once `flannel0` exists
+    /// and is up.
     ///
     /// Until the first [`UdpFastPath::sync_peers`], flannel-udp from unknown sources is
-    /// left to the userspace proxy; call it right after attaching with the full peer set.
+    /// left to the userspace proxy (unless adopted or migrated maps say the peers were
+    /// synced); call it right after attaching with the full peer set.
     pub fn attach(cfg: UdpFastPathConfig) -> Result<UdpFastPath, EbpfError> {
-        let object = ebpf_object()?;
         if cfg.public_ip.is_unspecified() {
             return Err(EbpfError::Config("the public IP is unspecified"));
         }
         if cfg.port == 0 {
             return Err(EbpfError::Config("the udp port is 0"));
         }
-        prepare_pin_dir(&cfg.pin_dir)?;
         let root = cfg.pin_dir.join(UDP_PIN_SUBDIR);
-        let layout_dir = root.join(format!("v{LAYOUT_VERSION}"));
-        make_private_dir(&layout_dir)?;
-        make_private_dir(&root.join(LINKS_DIR))?;
-        check_pinned_layout(&layout_dir, UDP_PINNED_MAPS)?;
-        let old_layouts = other_layouts(&root)?;
-
-        let mut loader = EbpfLoader::new();
-        for name in UDP_PINNED_MAPS {
-            loader.map_pin_path(name, layout_dir.join(name));
-        }
-        let ebpf = loader
-            .load(object)
-            .map_err(|e| EbpfError::Load(Box::new(e)))?;
-
+        let (state, pending) = open_pinned::<UdpConfig>(
+            &cfg.pin_dir,
+            &root,
+            UDP_PINNED_MAPS,
+            &[PROG_UDP_DECAP, PROG_UDP_ENCAP],
+            "udp",
+        )?;
         let mut fp = UdpFastPath {
-            ebpf,
+            ebpf: state.ebpf,
             root,
-            layout_dir,
-            config: UdpConfig::default(),
-            table: PeerTable::default(),
+            layout_dir: state.layout_dir,
+            config: UdpConfig {
+                public_ip_be: to_be(cfg.public_ip),
+                subnet_be: to_be(cfg.subnet.trunc().addr()),
+                subnet_mask_be: to_be(cfg.subnet.netmask()),
+                underlay_ifindex: cfg.underlay_ifindex,
+                tun_ifindex: cfg.tun_ifindex,
+                underlay_mtu: cfg.underlay_mtu,
+                flags: if state.synced { FLAG_PEERS_SYNCED } else { 0 },
+                port_be: cfg.port.to_be(),
+                _pad: 0,
+            },
+            table: state.table,
         };
-        let previous = fp.read_config()?;
-        fp.table = PeerTable::load(&fp.ebpf)?;
-        for (version, dir) in &old_layouts {
-            // Layout 2 is the first with the udp fast path: nothing older to convert.
-            // Peers come back with `sync_peers`; counters restart at zero.
-            warn!(
-                version,
-                current = LAYOUT_VERSION,
-                dir = %dir.display(),
-                "pinned udp maps of another layout are not reused; starting with new maps"
-            );
-        }
-        let synced = previous.public_ip_be != 0 && previous.flags & FLAG_PEERS_SYNCED != 0;
-        if previous.public_ip_be != 0 {
-            info!(
-                peers = fp.table.len(),
-                synced, "adopted pinned udp eBPF maps (layout v{LAYOUT_VERSION})"
-            );
-        }
-        fp.config = UdpConfig {
-            public_ip_be: to_be(cfg.public_ip),
-            subnet_be: to_be(cfg.subnet.trunc().addr()),
-            subnet_mask_be: to_be(cfg.subnet.netmask()),
-            underlay_ifindex: cfg.underlay_ifindex,
-            tun_ifindex: cfg.tun_ifindex,
-            underlay_mtu: cfg.underlay_mtu,
-            flags: if synced { FLAG_PEERS_SYNCED } else { 0 },
-            port_be: cfg.port.to_be(),
-            _pad: 0,
-        };
-        fp.write_config()?;
+        write_config(&mut fp.ebpf, fp.config)?;
 
         let links = fp.root.join(LINKS_DIR);
         attach_program(
@@ -211,32 +205,8 @@ impl UdpFastPath {
             TcAttachType::Egress,
             &links.join(LINK_ENCAP),
         )?;
-        // The old programs are gone from the links; their maps can go too.
-        for (version, dir) in &old_layouts {
-            remove_pins(dir)?;
-            info!(version, "removed pinned udp maps of an old layout");
-        }
+        pending.finish(&mut fp.ebpf)?;
         Ok(fp)
-    }
-
-    fn read_config(&self) -> Result<UdpConfig, EbpfError> {
-        let map = self.ebpf.map(MAP_UDP_CONFIG).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_UDP_CONFIG,
-        })?;
-        let array: Array<_, UdpConfig> =
-            Array::try_from(map).map_err(map_err("open", MAP_UDP_CONFIG))?;
-        array.get(&0, 0).map_err(map_err("read", MAP_UDP_CONFIG))
-    }
-
-    fn write_config(&mut self) -> Result<(), EbpfError> {
-        let config = self.config;
-        let map = map_mut(&mut self.ebpf, MAP_UDP_CONFIG)?;
-        let mut array: Array<_, UdpConfig> =
-            Array::try_from(map).map_err(map_err("open", MAP_UDP_CONFIG))?;
-        array
-            .set(0, config, 0)
-            .map_err(map_err("write", MAP_UDP_CONFIG))
     }
 
     /// The peers in the map now.
@@ -262,7 +232,7 @@ impl UdpFastPath {
         self.table.retain(&mut self.ebpf, &wanted)?;
         if self.config.flags & FLAG_PEERS_SYNCED == 0 {
             self.config.flags |= FLAG_PEERS_SYNCED;
-            self.write_config()?;
+            write_config(&mut self.ebpf, self.config)?;
         }
         Ok(())
     }
