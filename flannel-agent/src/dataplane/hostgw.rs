@@ -16,38 +16,25 @@
 //! (`v<LAYOUT_VERSION>/<MAP>`, `links/from_peer`, `links/to_peer_<ifindex>`), so a
 //! restart adopts them (no flush) and SIGKILL leaves forwarding running.
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeSet, fs, net::Ipv4Addr, path::PathBuf};
 
-use aya::{Ebpf, programs::TcAttachType};
+use aya::programs::TcAttachType;
 use flannel_common::{
     HOSTGW_PINNED_MAPS, MAP_HOSTGW_CONFIG, PROG_HOSTGW_FROM_PEER, PROG_HOSTGW_TO_PEER,
-    maps::{FLAG_PEERS_SYNCED, HostGwConfig, PeerCounters},
+    maps::{FLAG_PEERS_SYNCED, HostGwConfig},
 };
 use ipnet::Ipv4Net;
 use tracing::debug;
 
 use super::{
-    ebpf::{
-        EbpfError, LINKS_DIR, NodeConfig, PeerTable, attach_program, drop_counters, from_be,
-        open_pinned, probe_programs, remove_pins, to_be, unpin_link, unpin_links, write_config,
+    ebpf::{EbpfError, probe_programs},
+    pinned::{
+        Attached, LINKS_DIR, PeerSpec, node_config, open_pinned, peer_api, to_be, unpin_link,
     },
     sys,
 };
 
-impl NodeConfig for HostGwConfig {
-    const MAP: &'static str = MAP_HOSTGW_CONFIG;
-    fn written(&self) -> bool {
-        self.public_ip_be != 0
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-}
+node_config!(HostGwConfig, MAP_HOSTGW_CONFIG);
 
 /// Subdirectory of the pin directory that holds the host-gw fast path's pins.
 pub const HOSTGW_PIN_SUBDIR: &str = "hostgw";
@@ -83,24 +70,28 @@ pub struct HostGwPeerEntry {
 
 /// The attached host-gw fast path. Dropping it leaves the programs attached (pinned
 /// links) and the maps pinned: forwarding goes on without the agent.
+#[derive(Debug)]
 pub struct HostGwFastPath {
-    ebpf: Ebpf,
-    /// `<pin_dir>/hostgw`.
-    root: PathBuf,
-    layout_dir: PathBuf,
-    config: HostGwConfig,
-    table: PeerTable,
+    fp: Attached<HostGwConfig>,
     /// The devices `flannel_hostgw_to_peer` is attached to.
     pod_devices: BTreeSet<u32>,
 }
 
-impl std::fmt::Debug for HostGwFastPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostGwFastPath")
-            .field("pin_dir", &self.root)
-            .field("peers", &self.table.len())
-            .field("pod_devices", &self.pod_devices)
-            .finish_non_exhaustive()
+impl HostGwPeerEntry {
+    fn spec(&self) -> PeerSpec {
+        // Routed, not tunnelled: no VtepMAC.
+        PeerSpec {
+            subnet: self.subnet,
+            public_ip: self.public_ip,
+            vtep_mac: [0; 6],
+        }
+    }
+
+    fn from_spec(p: PeerSpec) -> HostGwPeerEntry {
+        HostGwPeerEntry {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+        }
     }
 }
 
@@ -133,46 +124,42 @@ impl HostGwFastPath {
             &[PROG_HOSTGW_FROM_PEER, PROG_HOSTGW_TO_PEER],
             "host-gw",
         )?;
-        let mut fp = HostGwFastPath {
-            ebpf: state.ebpf,
-            root,
-            layout_dir: state.layout_dir,
-            config: HostGwConfig {
+        let fp = Attached::new(&cfg.pin_dir, root, state, "host-gw", |synced| {
+            HostGwConfig {
                 public_ip_be: to_be(cfg.public_ip),
                 subnet_be: to_be(cfg.subnet.trunc().addr()),
                 subnet_mask_be: to_be(cfg.subnet.netmask()),
                 underlay_ifindex: cfg.underlay_ifindex,
-                flags: if state.synced { FLAG_PEERS_SYNCED } else { 0 },
+                flags: if synced { FLAG_PEERS_SYNCED } else { 0 },
                 _pad: 0,
-            },
-            table: state.table,
+            }
+        })?;
+        let mut hg = HostGwFastPath {
+            fp,
             pod_devices: BTreeSet::new(),
         };
-        write_config(&mut fp.ebpf, fp.config)?;
-
-        attach_program(
-            &mut fp.ebpf,
+        hg.fp.attach(
             PROG_HOSTGW_FROM_PEER,
             cfg.underlay_ifindex,
             TcAttachType::Ingress,
-            &fp.root.join(LINKS_DIR).join(LINK_FROM_PEER),
+            LINK_FROM_PEER,
         )?;
         // The pod devices of the previous agent keep their links (and get the new
         // program) now, so that no old program still runs when the migration finishes.
-        let pinned: BTreeSet<u32> = fp
+        let pinned: BTreeSet<u32> = hg
             .pinned_pod_links()?
             .into_iter()
             .map(|(ifindex, _)| ifindex)
             .filter(|&ifindex| sys::ifname(ifindex).is_ok())
             .collect();
-        fp.set_pod_devices(&pinned)?;
-        pending.finish(&mut fp.ebpf)?;
-        Ok(fp)
+        hg.set_pod_devices(&pinned)?;
+        pending.finish(&mut hg.fp.ebpf)?;
+        Ok(hg)
     }
 
     /// The `to_peer_<ifindex>` links pinned now: (ifindex, pin path).
     fn pinned_pod_links(&self) -> Result<Vec<(u32, PathBuf)>, EbpfError> {
-        let links = self.root.join(LINKS_DIR);
+        let links = self.fp.root.join(LINKS_DIR);
         let entries = fs::read_dir(&links).map_err(|source| EbpfError::PinDir {
             op: "list",
             path: links.clone(),
@@ -192,24 +179,16 @@ impl HostGwFastPath {
             .collect())
     }
 
-    fn to_peer_link(&self, ifindex: u32) -> PathBuf {
-        self.root
-            .join(LINKS_DIR)
-            .join(format!("{LINK_TO_PEER}{ifindex}"))
-    }
-
     /// Attaches `flannel_hostgw_to_peer` to exactly `devices` (by ifindex): new ones get
     /// a pinned link (or adopt the one a previous agent pinned), devices no longer listed
     /// lose theirs, as do pins of devices that are gone.
     pub fn set_pod_devices(&mut self, devices: &BTreeSet<u32>) -> Result<(), EbpfError> {
         for &ifindex in devices.difference(&self.pod_devices.clone()) {
-            let link = self.to_peer_link(ifindex);
-            attach_program(
-                &mut self.ebpf,
+            self.fp.attach(
                 PROG_HOSTGW_TO_PEER,
                 ifindex,
                 TcAttachType::Ingress,
-                &link,
+                &format!("{LINK_TO_PEER}{ifindex}"),
             )?;
             self.pod_devices.insert(ifindex);
         }
@@ -228,80 +207,7 @@ impl HostGwFastPath {
         &self.pod_devices
     }
 
-    /// The peers in the map now.
-    pub fn peers(&self) -> Vec<HostGwPeerEntry> {
-        self.table
-            .iter()
-            .map(|(subnet, p)| HostGwPeerEntry {
-                subnet: *subnet,
-                public_ip: from_be(p.public_ip_be),
-            })
-            .collect()
-    }
-
-    /// Makes the peer maps equal `desired`: new and changed peers first, then removes the
-    /// ones no longer desired (update before delete). Unchanged peers are not touched.
-    pub fn sync_peers(&mut self, desired: &[HostGwPeerEntry]) -> Result<(), EbpfError> {
-        let wanted: BTreeSet<Ipv4Net> = desired.iter().map(|p| p.subnet.trunc()).collect();
-        for entry in desired {
-            self.upsert_peer(entry)?;
-        }
-        self.table.retain(&mut self.ebpf, &wanted)?;
-        if self.config.flags & FLAG_PEERS_SYNCED == 0 {
-            self.config.flags |= FLAG_PEERS_SYNCED;
-            write_config(&mut self.ebpf, self.config)?;
-        }
-        Ok(())
-    }
-
-    /// Adds or updates one peer (no-op when the maps already say the same).
-    pub fn upsert_peer(&mut self, entry: &HostGwPeerEntry) -> Result<(), EbpfError> {
-        // Routed, not tunnelled: no VtepMAC.
-        let changed = self
-            .table
-            .upsert(&mut self.ebpf, entry.subnet, entry.public_ip, [0; 6])?;
-        if changed {
-            debug!(subnet = %entry.subnet.trunc(), public_ip = %entry.public_ip, "host-gw fast path peer set");
-        }
-        Ok(())
-    }
-
-    /// Removes a peer (no-op when it is not there).
-    pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), EbpfError> {
-        self.table.remove(&mut self.ebpf, subnet)
-    }
-
-    /// Traffic the fast path forwarded per peer, summed over CPUs. Bytes are IPv4
-    /// packets.
-    pub fn peer_counters(&self) -> Result<Vec<(Ipv4Net, PeerCounters)>, EbpfError> {
-        self.table.counters(&self.ebpf)
-    }
-
-    /// Packets that left the fast path, per reason (`flannel_common::maps::reason`),
-    /// summed over CPUs; all of them went to the kernel's forwarding.
-    pub fn drop_counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
-        drop_counters(&self.ebpf)
-    }
-
-    /// Where this fast path's pins live (`<pin_dir>/hostgw`).
-    pub fn pin_dir(&self) -> &Path {
-        &self.root
-    }
-
-    /// Detaches every program and removes every pin of the host-gw fast path (links,
-    /// maps, its directory, and the shared pin directory if that is then empty). For
-    /// tests and for switching the dataplane off; a restart should just drop the value.
-    pub fn detach_and_unpin(self) -> Result<(), EbpfError> {
-        unpin_links(&self.root.join(LINKS_DIR))?;
-        remove_pins(&self.layout_dir)?;
-        drop(self.ebpf);
-        // Only if empty: someone else's pins are never removed.
-        let _ = fs::remove_dir(&self.root);
-        if let Some(parent) = self.root.parent() {
-            let _ = fs::remove_dir(parent);
-        }
-        Ok(())
-    }
+    peer_api!(HostGwPeerEntry);
 }
 
 #[cfg(test)]

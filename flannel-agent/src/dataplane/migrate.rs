@@ -48,7 +48,7 @@ use flannel_common::{
 };
 use tracing::{info, warn};
 
-use super::ebpf::{EbpfError, map_mut};
+use super::{ebpf::EbpfError, pinned::map_mut};
 
 /// What [`migrate`] carried over from an older layout.
 #[derive(Debug)]

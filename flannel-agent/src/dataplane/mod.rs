@@ -25,6 +25,7 @@
 pub mod ebpf;
 pub mod hostgw;
 mod migrate;
+mod pinned;
 mod sys;
 pub mod tun;
 pub mod udp;

@@ -52,36 +52,21 @@
 //! carry segments: no flannel-udp receiver can take a UDP-tunnel aggregate apart (decap
 //! passes it on as `pass_gso`).
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{net::Ipv4Addr, path::PathBuf};
 
-use aya::{Ebpf, programs::TcAttachType};
+use aya::programs::TcAttachType;
 use flannel_common::{
     MAP_UDP_CONFIG, PROG_UDP_DECAP, PROG_UDP_ENCAP, UDP_PINNED_MAPS,
-    maps::{FLAG_PEERS_SYNCED, PeerCounters, UdpConfig},
+    maps::{FLAG_PEERS_SYNCED, UdpConfig},
 };
 use ipnet::Ipv4Net;
-use tracing::debug;
 
-use super::ebpf::{
-    EbpfError, LINK_DECAP, LINK_ENCAP, LINKS_DIR, NodeConfig, PeerTable, attach_program,
-    drop_counters, from_be, open_pinned, probe_programs, remove_pins, to_be, unpin_links,
-    write_config,
+use super::{
+    ebpf::{EbpfError, LINK_DECAP, LINK_ENCAP, probe_programs},
+    pinned::{Attached, PeerSpec, node_config, open_pinned, peer_api, to_be},
 };
 
-impl NodeConfig for UdpConfig {
-    const MAP: &'static str = MAP_UDP_CONFIG;
-    fn written(&self) -> bool {
-        self.public_ip_be != 0
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-}
+node_config!(UdpConfig, MAP_UDP_CONFIG);
 
 /// Subdirectory of the pin directory that holds the udp fast path's pins.
 pub const UDP_PIN_SUBDIR: &str = "udp";
@@ -118,21 +103,26 @@ pub struct UdpPeerEntry {
 
 /// The attached udp fast path. Dropping it leaves the programs attached (pinned links)
 /// and the maps pinned: forwarding goes on without the agent.
+#[derive(Debug)]
 pub struct UdpFastPath {
-    ebpf: Ebpf,
-    /// `<pin_dir>/udp`.
-    root: PathBuf,
-    layout_dir: PathBuf,
-    config: UdpConfig,
-    table: PeerTable,
+    fp: Attached<UdpConfig>,
 }
 
-impl std::fmt::Debug for UdpFastPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UdpFastPath")
-            .field("pin_dir", &self.root)
-            .field("peers", &self.table.len())
-            .finish_non_exhaustive()
+impl UdpPeerEntry {
+    fn spec(&self) -> PeerSpec {
+        // The udp wire format has no inner Ethernet header: no VtepMAC.
+        PeerSpec {
+            subnet: self.subnet,
+            public_ip: self.public_ip,
+            vtep_mac: [0; 6],
+        }
+    }
+
+    fn from_spec(p: PeerSpec) -> UdpPeerEntry {
+        UdpPeerEntry {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+        }
     }
 }
 
@@ -171,121 +161,34 @@ impl UdpFastPath {
             &[PROG_UDP_DECAP, PROG_UDP_ENCAP],
             "udp",
         )?;
-        let mut fp = UdpFastPath {
-            ebpf: state.ebpf,
-            root,
-            layout_dir: state.layout_dir,
-            config: UdpConfig {
-                public_ip_be: to_be(cfg.public_ip),
-                subnet_be: to_be(cfg.subnet.trunc().addr()),
-                subnet_mask_be: to_be(cfg.subnet.netmask()),
-                underlay_ifindex: cfg.underlay_ifindex,
-                tun_ifindex: cfg.tun_ifindex,
-                underlay_mtu: cfg.underlay_mtu,
-                flags: if state.synced { FLAG_PEERS_SYNCED } else { 0 },
-                port_be: cfg.port.to_be(),
-                _pad: 0,
-            },
-            table: state.table,
-        };
-        write_config(&mut fp.ebpf, fp.config)?;
-
-        let links = fp.root.join(LINKS_DIR);
-        attach_program(
-            &mut fp.ebpf,
+        let mut fp = Attached::new(&cfg.pin_dir, root, state, "udp", |synced| UdpConfig {
+            public_ip_be: to_be(cfg.public_ip),
+            subnet_be: to_be(cfg.subnet.trunc().addr()),
+            subnet_mask_be: to_be(cfg.subnet.netmask()),
+            underlay_ifindex: cfg.underlay_ifindex,
+            tun_ifindex: cfg.tun_ifindex,
+            underlay_mtu: cfg.underlay_mtu,
+            flags: if synced { FLAG_PEERS_SYNCED } else { 0 },
+            port_be: cfg.port.to_be(),
+            _pad: 0,
+        })?;
+        fp.attach(
             PROG_UDP_DECAP,
             cfg.underlay_ifindex,
             TcAttachType::Ingress,
-            &links.join(LINK_DECAP),
+            LINK_DECAP,
         )?;
-        attach_program(
-            &mut fp.ebpf,
+        fp.attach(
             PROG_UDP_ENCAP,
             cfg.tun_ifindex,
             TcAttachType::Egress,
-            &links.join(LINK_ENCAP),
+            LINK_ENCAP,
         )?;
         pending.finish(&mut fp.ebpf)?;
-        Ok(fp)
+        Ok(UdpFastPath { fp })
     }
 
-    /// The peers in the map now.
-    pub fn peers(&self) -> Vec<UdpPeerEntry> {
-        self.table
-            .iter()
-            .map(|(subnet, p)| UdpPeerEntry {
-                subnet: *subnet,
-                public_ip: from_be(p.public_ip_be),
-            })
-            .collect()
-    }
-
-    /// Makes the peer maps equal `desired`: writes new and changed peers first, then
-    /// removes the ones no longer desired (update before delete). Unchanged peers are not
-    /// touched. Also enables dropping flannel-udp from unknown sources, now that every
-    /// peer is known.
-    pub fn sync_peers(&mut self, desired: &[UdpPeerEntry]) -> Result<(), EbpfError> {
-        let wanted: BTreeSet<Ipv4Net> = desired.iter().map(|p| p.subnet.trunc()).collect();
-        for entry in desired {
-            self.upsert_peer(entry)?;
-        }
-        self.table.retain(&mut self.ebpf, &wanted)?;
-        if self.config.flags & FLAG_PEERS_SYNCED == 0 {
-            self.config.flags |= FLAG_PEERS_SYNCED;
-            write_config(&mut self.ebpf, self.config)?;
-        }
-        Ok(())
-    }
-
-    /// Adds or updates one peer (no-op when the maps already say the same).
-    pub fn upsert_peer(&mut self, entry: &UdpPeerEntry) -> Result<(), EbpfError> {
-        // The udp wire format has no inner Ethernet header: no VtepMAC.
-        let changed = self
-            .table
-            .upsert(&mut self.ebpf, entry.subnet, entry.public_ip, [0; 6])?;
-        if changed {
-            debug!(subnet = %entry.subnet.trunc(), public_ip = %entry.public_ip, "udp fast path peer set");
-        }
-        Ok(())
-    }
-
-    /// Removes a peer (no-op when it is not there).
-    pub fn remove_peer(&mut self, subnet: Ipv4Net) -> Result<(), EbpfError> {
-        self.table.remove(&mut self.ebpf, subnet)
-    }
-
-    /// Traffic the fast path carried per peer, summed over CPUs. Bytes are inner IPv4
-    /// packets (what crosses `flannel0`).
-    pub fn peer_counters(&self) -> Result<Vec<(Ipv4Net, PeerCounters)>, EbpfError> {
-        self.table.counters(&self.ebpf)
-    }
-
-    /// Packets that left the fast path, per reason (`flannel_common::maps::reason`),
-    /// summed over CPUs. Names starting with `drop_` were dropped, the rest went to the
-    /// userspace path.
-    pub fn drop_counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
-        drop_counters(&self.ebpf)
-    }
-
-    /// Where this fast path's pins live (`<pin_dir>/udp`).
-    pub fn pin_dir(&self) -> &Path {
-        &self.root
-    }
-
-    /// Detaches both programs and removes every pin of the udp fast path (links, maps,
-    /// its directory, and the shared pin directory if that is then empty). For tests and
-    /// for switching the dataplane off; a restart should just drop the value.
-    pub fn detach_and_unpin(self) -> Result<(), EbpfError> {
-        unpin_links(&self.root.join(LINKS_DIR))?;
-        remove_pins(&self.layout_dir)?;
-        drop(self.ebpf);
-        // Only if empty: someone else's pins are never removed.
-        let _ = fs::remove_dir(&self.root);
-        if let Some(parent) = self.root.parent() {
-            let _ = fs::remove_dir(parent);
-        }
-        Ok(())
-    }
+    peer_api!(UdpPeerEntry);
 }
 
 #[cfg(test)]
