@@ -168,7 +168,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let plan = Plan::from_args(args);
     setup::setup()?;
     crate::netns::on_ctrl_c()?;
-    topo::clean_leftovers()?;
+    let _turn = topo::take_turn()?;
     warn_if_busy();
     // Taken before the build: flanneld is built from the tree as it is now.
     let meta_start = (date(), loadavg(), commit());

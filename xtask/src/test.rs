@@ -7,11 +7,11 @@
 //! 3-host lab, and nothing of it may remain afterwards; last, `bench --quick` must report
 //! every row.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::{
     ebpf, setup,
-    util::{cargo, is_root, run, under_ci},
+    util::{cargo, is_root, run, show, under_ci},
 };
 
 pub fn test(cargo_args: &[String]) -> Result<()> {
@@ -87,22 +87,25 @@ fn bench_quick() -> Result<()> {
     Ok(())
 }
 
-/// The lab once, 3 hosts x 2 containers: full connectivity, then nothing left behind.
+/// The lab once, 3 hosts x 2 containers: full connectivity, then nothing of this run
+/// left behind (another run's lab, going on meanwhile, is not ours to judge).
 fn lab_once() -> Result<()> {
     if !is_root() {
         eprintln!("warning: not root: the lab run (cargo xtask lab --once) is skipped");
         return Ok(());
     }
     // Not current_exe(): a concurrent rebuild may have replaced the file we started from.
-    run(std::process::Command::new("/proc/self/exe").args([
-        "lab",
-        "--once",
-        "--hosts",
-        "3",
-        "--containers",
-        "2",
-    ]))?;
-    let left = crate::lab::leftovers();
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.args(["lab", "--once", "--hosts", "3", "--containers", "2"]);
+    eprintln!("+ {}", show(&cmd));
+    let mut child = cmd.spawn().context("start the lab")?;
+    // Its pid is in the name of everything it makes.
+    let pid = child.id();
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("lab --once failed ({status})");
+    }
+    let left = crate::lab::leftovers(pid);
     if !left.is_empty() {
         bail!(
             "the lab left behind: {}; run `cargo xtask lab down`",
