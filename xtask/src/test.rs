@@ -5,7 +5,7 @@
 //! does not build for another crate's tests), then `cargo test`. Under `CI=true` anything
 //! that would make tests skip is an error here already. Then `lab --once` brings up the
 //! 3-host lab, and nothing of it may remain afterwards; last, `bench --quick` must report
-//! every row.
+//! every row, and sweep and chart every row it measured.
 
 use anyhow::{Context, Result, bail};
 
@@ -64,7 +64,8 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask bench --quick`: its report must have every row, measured or with the
-/// reason it is unavailable. Nothing asserts speed.
+/// reason it is unavailable, and every measured row its message-size sweep, in the
+/// tables and as a line in both charts. Nothing asserts speed.
 fn bench_quick() -> Result<()> {
     if !is_root() {
         eprintln!("warning: not root: cargo xtask bench --quick is skipped");
@@ -74,16 +75,15 @@ fn bench_quick() -> Result<()> {
     run(std::process::Command::new("/proc/self/exe")
         .args(["bench", "--quick", "--offloads", "on", "--out"])
         .arg(dir.path()))?;
-    let report = std::fs::read_to_string(dir.path().join("report.md"))?;
-    let missing: Vec<&str> = crate::bench::rows::Row::ALL
-        .iter()
-        .map(|r| r.name())
-        .filter(|name| !report.contains(&format!("| {name} |")))
-        .collect();
-    if !missing.is_empty() {
-        bail!("the bench report lacks rows: {}", missing.join(", "));
+    let problems = crate::bench::check_outputs(dir.path())?;
+    if !problems.is_empty() {
+        bail!(
+            "the bench outputs in {} are incomplete:\n  {}",
+            dir.keep().display(),
+            problems.join("\n  ")
+        );
     }
-    eprintln!("bench --quick: every row reported");
+    eprintln!("bench --quick: every row reported, every measured row swept and charted");
     Ok(())
 }
 
