@@ -83,9 +83,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5000)]
     leases_for_ready: usize,
     /// --control-plane: exit non-zero unless subnets are distinct, new leases reach every
-    /// agent and RPCs per agent stay bounded.
+    /// agent, RPCs per agent stay bounded and (as root) every flanneld start got READY.
     #[arg(long)]
     check: bool,
+    /// --control-plane: the flanneld binary whose READY is measured [default: a release
+    /// build, as the dataplane rows use].
+    #[arg(long)]
+    flanneld: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -183,6 +187,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             leases_for_ready: args.leases_for_ready,
             check: args.check,
             out: args.out.clone(),
+            flanneld: args.flanneld.clone(),
         });
     }
     if !is_root() {
