@@ -17,6 +17,7 @@
 //! asserts speed: this is a benchmark, not a test.
 
 mod chart;
+mod check;
 mod control_plane;
 mod measure;
 mod report;
@@ -33,31 +34,34 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+pub use check::check_outputs;
 
 use crate::{
     ebpf, setup,
     util::{cargo, is_root, output, run, target_dir},
 };
-use measure::{Durations, Sample, Servers};
+use measure::{Durations, Sample, Servers, Sweep};
 use report::{Meta, Offloads, Report, RowResult, Status};
 use rows::Row;
 use topo::{Host, Underlay};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Short runs for checking the harness (about a minute): one repetition, iperf3 2 s,
-    /// qperf 1 s per test.
+    /// Short runs for checking the harness (about two minutes): one repetition, offloads
+    /// on only, iperf3 2 s, qperf 1 s per test, the sweep in steps of ×16 (5 sizes).
     #[arg(long)]
     quick: bool,
     /// Rows to run, comma-separated (default: all), e.g. --rows native,kernel-vxlan.
     #[arg(long, value_enum, value_delimiter = ',')]
     rows: Vec<Row>,
-    /// Veth offloads (TSO, GSO, GRO) on the path: on, off, or each in turn.
-    #[arg(long, value_enum, default_value_t = OffloadsArg::Both)]
-    offloads: OffloadsArg,
-    /// Also run qperf over message sizes 1 B to 64 KiB (-oo msg_size:1:64K:*2).
+    /// Veth offloads (TSO, GSO, GRO) on the path: on, off, or each in turn
+    /// [default: both, or on with --quick].
+    #[arg(long, value_enum)]
+    offloads: Option<OffloadsArg>,
+    /// Skip the qperf sweep over message sizes 1 B to 64 KiB (-oo msg_size:1:64K:*2)
+    /// and its charts.
     #[arg(long)]
-    sweep: bool,
+    no_sweep: bool,
     /// Repetitions per row and offload setting; the tables show the median
     /// [default: 3, or 1 with --quick].
     #[arg(long)]
@@ -79,9 +83,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5000)]
     leases_for_ready: usize,
     /// --control-plane: exit non-zero unless subnets are distinct, new leases reach every
-    /// agent and RPCs per agent stay bounded.
+    /// agent, RPCs per agent stay bounded and (as root) every flanneld start got READY.
     #[arg(long)]
     check: bool,
+    /// --control-plane: the flanneld binary whose READY is measured [default: a release
+    /// build, as the dataplane rows use].
+    #[arg(long)]
+    flanneld: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -109,7 +117,9 @@ struct Plan {
     modes: Vec<Offloads>,
     repeat: u32,
     durations: Durations,
-    sweep: bool,
+    /// The message-size sweep, run in the first round under `sweep_modes`.
+    sweep: Option<Sweep>,
+    sweep_modes: Vec<Offloads>,
     quick: bool,
     /// The CPUs of the client (c1) and the servers (c2).
     pin: Option<[usize; 2]>,
@@ -138,12 +148,32 @@ impl Plan {
                 qperf: 5,
             }
         };
+        let default_offloads = if args.quick {
+            OffloadsArg::On
+        } else {
+            OffloadsArg::Both
+        };
+        let modes = args.offloads.unwrap_or(default_offloads).modes();
+        // A sweep costs 2 qperf runs of `secs` per size (qperf's -t takes whole seconds):
+        // 17 sizes make ~35 s per row and setting. So it runs in the first round only,
+        // and --quick takes every 16th power of two (1, 16, 256, 4K, 64K) and, with
+        // --offloads both, offloads on only, to stay at about two minutes.
+        let sweep = (!args.no_sweep).then_some(Sweep {
+            step: if args.quick { 16 } else { 2 },
+            secs: 1,
+        });
+        let sweep_modes = if args.quick && modes.contains(&Offloads::On) {
+            vec![Offloads::On]
+        } else {
+            modes.clone()
+        };
         Plan {
             rows,
-            modes: args.offloads.modes(),
+            modes,
             repeat: args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
             durations,
-            sweep: args.sweep,
+            sweep,
+            sweep_modes,
             quick: args.quick,
             pin: (!args.no_pin && cpus() >= 2).then_some([0, 1]),
         }
@@ -157,6 +187,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             leases_for_ready: args.leases_for_ready,
             check: args.check,
             out: args.out.clone(),
+            flanneld: args.flanneld.clone(),
         });
     }
     if !is_root() {
@@ -168,7 +199,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let plan = Plan::from_args(args);
     setup::setup()?;
     crate::netns::on_ctrl_c()?;
-    topo::clean_leftovers()?;
+    let _turn = topo::take_turn()?;
     warn_if_busy();
     // Taken before the build: flanneld is built from the tree as it is now.
     let meta_start = (date(), loadavg(), commit());
@@ -303,7 +334,7 @@ fn run_rows(plan: &Plan, ctx: &rows::Ctx) -> Result<Vec<RowResult>> {
             progress.say(&format!("{name}: setting up"));
             setups += 1;
             let before = progress.done;
-            let outcome = run_row(plan, ctx, row, setups, &mut progress);
+            let outcome = run_row(plan, ctx, row, (setups, round), &mut progress);
             if interrupted() {
                 bail!("interrupted");
             }
@@ -374,12 +405,13 @@ fn merge(results: &mut Vec<RowResult>, row: Row, m: Offloads, round: u32, outcom
 /// What one offload setting of a row gave: status, samples, a note on the counters.
 type ModeOutcome = (Status, Vec<Sample>, Option<String>);
 
-/// Sets one row up, measures it under each offload setting, tears it down.
+/// Sets one row up, measures it under each offload setting, tears it down. `index` counts
+/// the setups of the run (it makes device names unique), `round` is 1-based.
 fn run_row(
     plan: &Plan,
     ctx: &rows::Ctx,
     row: Row,
-    index: usize,
+    (index, round): (usize, u32),
     progress: &mut Progress,
 ) -> Result<Vec<ModeOutcome>> {
     let unavailable = |reason: String| {
@@ -413,8 +445,18 @@ fn run_row(
     let _servers = Servers::start(&hosts[1].container, plan.pin.map(|p| p[1]), &row_dir)?;
     let mut out = Vec::new();
     for &m in &plan.modes {
-        let (status, samples) =
-            measure_mode(plan, ctx, row, &hosts, &target, m, &row_dir, progress)?;
+        let sweep = plan
+            .sweep
+            .filter(|_| round == 1 && plan.sweep_modes.contains(&m));
+        let (status, samples) = measure_mode(
+            plan,
+            ctx,
+            (row, m, sweep),
+            &hosts,
+            &target,
+            &row_dir,
+            progress,
+        )?;
         // Cumulative counters of h1's flanneld: evidence of which path carried the
         // traffic (for eBPF, how much went to the kernel fallback).
         let note = rows::h1_status(&active).and_then(|s| rows::counters_note(&s));
@@ -441,18 +483,13 @@ fn no_ping_reason(row: Row, subnets: &[topo::Subnet; 2]) -> String {
 }
 
 /// One offload setting of a row: turn offloads off if asked, check the path again, then
-/// measure once.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct would only rename them"
-)]
+/// measure once (with the sweep, if given).
 fn measure_mode(
     plan: &Plan,
     ctx: &rows::Ctx,
-    row: Row,
+    (row, m, sweep): (Row, Offloads, Option<Sweep>),
     hosts: &[Host; 2],
     target: &str,
-    m: Offloads,
     dir: &Path,
     progress: &Progress,
 ) -> Result<(Status, Vec<Sample>)> {
@@ -467,16 +504,30 @@ fn measure_mode(
         return Ok((Status::Unavailable { reason }, Vec::new()));
     }
     progress.say(&format!(
-        "{}, offloads {}: iperf3 {} s, qperf tcp_bw/tcp_lat {} s each{}",
+        "{}, offloads {}: iperf3 {} s, {}",
         row.name(),
         m.name(),
         plan.durations.iperf3,
-        plan.durations.qperf,
-        if plan.sweep { ", qperf sweep" } else { "" },
+        match sweep {
+            Some(sw) if sw.secs == plan.durations.qperf => format!(
+                "qperf sweep {} ({} sizes, {} s each; plain tcp_bw/tcp_lat from it)",
+                sw.spec(),
+                sw.sizes().len(),
+                sw.secs
+            ),
+            Some(sw) => format!(
+                "qperf tcp_bw/tcp_lat {} s each, qperf sweep {} ({} sizes, {} s each)",
+                plan.durations.qperf,
+                sw.spec(),
+                sw.sizes().len(),
+                sw.secs
+            ),
+            None => format!("qperf tcp_bw/tcp_lat {} s each", plan.durations.qperf),
+        },
     ));
     let client = measure::Client {
         durations: plan.durations,
-        sweep: plan.sweep,
+        sweep,
         cpu: plan.pin.map(|p| p[0]),
     };
     let s = measure::sample(&hosts[0].container, target, client, dir);
@@ -504,6 +555,9 @@ fn summary(s: &Sample) -> String {
         f(s.qperf_bw_gbps, "Gbit/s"),
         f(s.qperf_lat_us, "µs")
     );
+    if !s.sweep.is_empty() {
+        let _ = write!(out, ", sweep {} sizes", s.sweep.len());
+    }
     for e in &s.errors {
         let _ = write!(out, "; {e}");
     }
@@ -566,6 +620,11 @@ fn meta(plan: &Plan, (date, loadavg_start, commit): (String, String, String)) ->
         quick: plan.quick,
         repeat: plan.repeat,
         sweep: plan.sweep,
+        sweep_modes: if plan.sweep.is_some() {
+            plan.sweep_modes.clone()
+        } else {
+            Vec::new()
+        },
         durations: plan.durations,
         pinned: plan.pin,
     }

@@ -8,9 +8,11 @@
 //!     └── veth ── fllab-h2-PID   ...
 //! ```
 //!
-//! Everything lives in namespaces named `fllab-*`, a private bpffs and a temp dir named
-//! `fllab-*`; all of it goes on exit, on error and on Ctrl-C. `cargo xtask lab down`
-//! removes what a killed run left. The machine's own network is never touched.
+//! Everything lives in namespaces named `fllab-*-PID`, a private bpffs and a temp dir
+//! named `fllab-PID-*`; all of it goes on exit, on error and on Ctrl-C. The pid in every
+//! name keeps two runs at once (two `cargo xtask test`) apart. `cargo xtask lab down`
+//! removes what a killed run left, and leaves running labs alone. The machine's own
+//! network is never touched.
 
 use std::{
     fs,
@@ -26,7 +28,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     ebpf,
-    netns::{Ns, Proc, interrupted, kill_and_delete, wait_for},
+    netns::{Ns, Proc, interrupted, kill_and_delete, owner, run_alive, wait_for},
     setup,
     util::{BpffsMount, cargo, is_root, output, run, target_dir, which},
 };
@@ -131,7 +133,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     if args.directrouting && args.backend != Backend::Vxlan {
         bail!("--directrouting applies to the vxlan backend only");
     }
-    check_free()?;
+    warn_leftovers();
     setup::setup()?;
     for (tool, package) in [
         ("etcd", "etcd-server"),
@@ -158,7 +160,10 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     // `--bins`, as `cargo xtask test` builds: the same feature set, so no rebuild there.
     run(cargo().args(["build", "--bins"]))?;
     let flanneld = target_dir().join("debug/flanneld");
-    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
+    // `fllab-<pid>-*`: what is below it is told apart from another run's by the pid.
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{PREFIX}{}-", std::process::id()))
+        .tempdir()?;
     // A private copy of ourselves (for `http-get` inside the namespaces): a rebuild of
     // xtask during the run would delete the file we were started from.
     let xtask = dir.path().join("xtask");
@@ -170,47 +175,49 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses to start over a live lab or over a killed lab's leftovers.
-fn check_free() -> Result<()> {
-    let names = lab_namespaces();
-    if names.is_empty() {
-        return Ok(());
-    }
-    if let Some(pid) = names.iter().filter_map(|n| owner(n)).find(|&p| alive(p)) {
-        bail!(
-            "a lab is already running (pid {pid}, namespaces {}); stop it with Ctrl-C, or \
-             run `cargo xtask lab down`",
-            names.join(" ")
+/// Says what killed lab runs left, without touching it: other runs, live or dead, never
+/// collide with this one (every name carries its run's pid), and removing things is
+/// `lab down`'s job.
+fn warn_leftovers() {
+    let dead: Vec<String> = resources()
+        .into_iter()
+        .filter(|r| !r.owner.is_some_and(run_alive))
+        .map(|r| r.thing.to_string())
+        .collect();
+    if !dead.is_empty() {
+        eprintln!(
+            "lab: warning: a killed lab run left {} thing(s) ({}); `cargo xtask lab down` \
+             removes them",
+            dead.len(),
+            dead.join(", ")
         );
     }
-    bail!(
-        "the namespace names are already in use by a killed lab run ({}); run `cargo xtask \
-         lab down` first",
-        names.join(" ")
-    );
 }
 
-/// Namespaces whose name starts with [`PREFIX`].
-fn lab_namespaces() -> Vec<String> {
-    output(Command::new("ip").args(["netns", "list"]))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(PREFIX))
-        .map(str::to_owned)
-        .collect()
+/// Something a lab run made.
+enum Thing {
+    Namespace(String),
+    Process(u32, String),
+    Mount(String),
+    TempDir(PathBuf),
 }
 
-/// The pid of the lab run that made namespace `name` (`fllab-h1-1234`).
-fn owner(name: &str) -> Option<u32> {
-    name.rsplit('-').next().and_then(|p| p.parse().ok())
+impl std::fmt::Display for Thing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Thing::Namespace(n) => write!(f, "namespace {n}"),
+            Thing::Process(pid, cmd) => write!(f, "process {pid}: {cmd}"),
+            Thing::Mount(m) => write!(f, "mount {m}"),
+            Thing::TempDir(d) => write!(f, "temp dir {}", d.display()),
+        }
+    }
 }
 
-/// True when `pid` is another live xtask (so a recycled pid does not count).
-fn alive(pid: u32) -> bool {
-    pid != std::process::id()
-        && fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.trim().starts_with("xtask"))
+/// A [`Thing`] and the pid of the run that made it, when that can be told (a temp dir
+/// of an xtask from before the pid was in its name cannot).
+struct Resource {
+    owner: Option<u32>,
+    thing: Thing,
 }
 
 /// Where the lab's temp dirs start: `/tmp/fllab-`.
@@ -221,28 +228,47 @@ fn temp_prefix() -> String {
         .into_owned()
 }
 
-/// Processes whose command line mentions a lab temp dir (flanneld, etcd), except us.
-fn lab_processes() -> Vec<(u32, String)> {
+/// The run whose temp dir `s` names: `.../fllab-1234-Ab3dE9/etcd` → 1234. A run's temp
+/// dir is `fllab-<pid>-*`, so its processes (whose command lines name files in it) and
+/// mounts (below it) are told apart from another run's.
+fn path_owner(s: &str) -> Option<u32> {
+    let rest = &s[s.find(&temp_prefix())? + temp_prefix().len()..];
+    let (pid, _) = rest.split_once('-')?;
+    pid.parse().ok()
+}
+
+/// Everything any lab run made that still exists, with its owner.
+fn resources() -> Vec<Resource> {
+    let mut found: Vec<Resource> = output(Command::new("ip").args(["netns", "list"]))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(|n| Resource {
+            owner: owner(n),
+            thing: Thing::Namespace(n.to_owned()),
+        })
+        .collect();
     let prefix = temp_prefix();
     let me = std::process::id();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
+    for pid in fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me)
-        .filter_map(|pid| {
-            let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-            cmd.contains(&prefix).then(|| (pid, cmd.trim().to_owned()))
-        })
-        .collect()
-}
-
-/// Mount points (from /proc/mounts) below a lab temp dir, deepest first.
-fn lab_mounts() -> Vec<String> {
-    let prefix = temp_prefix();
+    {
+        let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(&prefix) {
+            found.push(Resource {
+                owner: path_owner(&cmd),
+                thing: Thing::Process(pid, cmd.trim().to_owned()),
+            });
+        }
+    }
     let mut mounts: Vec<String> = fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .lines()
@@ -250,44 +276,44 @@ fn lab_mounts() -> Vec<String> {
         .filter(|m| m.starts_with(&prefix))
         .map(str::to_owned)
         .collect();
+    // Deepest first, so a mount below another goes before it.
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     mounts.dedup();
-    mounts
-}
-
-/// The lab's temp dirs.
-fn lab_temp_dirs() -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-        return Vec::new();
-    };
-    entries
+    found.extend(mounts.into_iter().map(|m| Resource {
+        owner: path_owner(&m),
+        thing: Thing::Mount(m),
+    }));
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect()
-}
-
-/// What a lab left behind, in words; empty when nothing is left. `cargo xtask test`
-/// checks this after `lab --once`.
-pub fn leftovers() -> Vec<String> {
-    let mut found = Vec::new();
-    for n in lab_namespaces() {
-        found.push(format!("namespace {n}"));
-    }
-    for (pid, cmd) in lab_processes() {
-        found.push(format!("process {pid}: {cmd}"));
-    }
-    for m in lab_mounts() {
-        found.push(format!("mount {m}"));
-    }
-    for d in lab_temp_dirs() {
-        found.push(format!("temp dir {}", d.display()));
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(PREFIX)
+            && e.file_type().is_ok_and(|t| t.is_dir())
+        {
+            let path = e.path();
+            found.push(Resource {
+                owner: path_owner(&path.to_string_lossy()),
+                thing: Thing::TempDir(path),
+            });
+        }
     }
     found
 }
 
-/// `cargo xtask lab down`.
+/// What the lab run with pid `run` left behind, in words; empty when nothing is left.
+/// Only that run's: another run going on meanwhile is none of its business. `cargo
+/// xtask test` checks this after `lab --once`.
+pub fn leftovers(run: u32) -> Vec<String> {
+    resources()
+        .into_iter()
+        .filter(|r| r.owner == Some(run))
+        .map(|r| r.thing.to_string())
+        .collect()
+}
+
+/// `cargo xtask lab down`: removes what killed runs left. A running lab is left alone
+/// (it tears itself down on Ctrl-C); so is everything of it.
 fn down() -> Result<()> {
     if !is_root() {
         bail!(
@@ -295,49 +321,60 @@ fn down() -> Result<()> {
              xtask lab down)"
         );
     }
+    let mut live: Vec<u32> = resources()
+        .iter()
+        .filter_map(|r| r.owner.filter(|&p| run_alive(p)))
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    for pid in &live {
+        println!(
+            "lab down: leaving the running lab (pid {pid}) alone; stop it with Ctrl-C in its \
+             terminal, or kill -INT {pid}"
+        );
+    }
+    let dead = || {
+        resources()
+            .into_iter()
+            .filter(|r| !r.owner.is_some_and(run_alive))
+    };
     let mut removed = 0usize;
-    // A live lab is asked to stop first, so it tears down in order.
-    let names = lab_namespaces();
-    let mut owners: Vec<u32> = names.iter().filter_map(|n| owner(n)).collect();
-    owners.sort_unstable();
-    owners.dedup();
-    for pid in owners.into_iter().filter(|&p| alive(p)) {
-        println!("lab down: asking the running lab (pid {pid}) to stop");
-        let _ = Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while alive(pid) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(100));
+    // Namespaces first (with their processes), then what is left of the processes, the
+    // mounts, and last the temp dirs the mounts were in.
+    for r in dead() {
+        if let Thing::Namespace(n) = &r.thing {
+            println!("lab down: removing namespace {n} and its processes");
+            kill_and_delete(n);
+            removed += 1;
         }
-        removed += 1;
     }
-    for n in lab_namespaces() {
-        println!("lab down: removing namespace {n} and its processes");
-        kill_and_delete(&n);
-        removed += 1;
-    }
-    for (pid, cmd) in lab_processes() {
-        println!("lab down: killing process {pid}: {cmd}");
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
-        removed += 1;
-    }
-    for m in lab_mounts() {
-        println!("lab down: unmounting {m}");
-        let _ = Command::new("umount").args(["-l", &m]).status();
-        removed += 1;
-    }
-    for d in lab_temp_dirs() {
-        println!("lab down: removing {}", d.display());
-        if let Err(e) = fs::remove_dir_all(&d) {
-            eprintln!("lab down: cannot remove {}: {e}", d.display());
+    for r in dead() {
+        if let Thing::Process(pid, cmd) = &r.thing {
+            println!("lab down: killing process {pid}: {cmd}");
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+            removed += 1;
         }
-        removed += 1;
     }
-    let left = leftovers();
+    for r in dead() {
+        if let Thing::Mount(m) = &r.thing {
+            println!("lab down: unmounting {m}");
+            let _ = Command::new("umount").args(["-l", m]).status();
+            removed += 1;
+        }
+    }
+    for r in dead() {
+        if let Thing::TempDir(d) = &r.thing {
+            println!("lab down: removing {}", d.display());
+            if let Err(e) = fs::remove_dir_all(d) {
+                eprintln!("lab down: cannot remove {}: {e}", d.display());
+            }
+            removed += 1;
+        }
+    }
+    let left: Vec<String> = dead().map(|r| r.thing.to_string()).collect();
     if !left.is_empty() {
         bail!("lab down: still left: {}", left.join("; "));
     }
@@ -881,6 +918,19 @@ mod tests {
     fn owner_is_the_last_dash_field() {
         assert_eq!(owner("fllab-h1c2-4242"), Some(4242));
         assert_eq!(owner("fllab-ul"), None);
+    }
+
+    #[test]
+    fn paths_name_their_run() {
+        let tmp = temp_prefix();
+        assert_eq!(path_owner(&format!("{tmp}4242-Ab3dE9")), Some(4242));
+        assert_eq!(
+            path_owner(&format!("etcd --data-dir={tmp}77-xYz123/etcd --name=lab")),
+            Some(77)
+        );
+        // A temp dir from before the pid was in the name.
+        assert_eq!(path_owner(&format!("{tmp}Ab3dE9")), None);
+        assert_eq!(path_owner("/var/lib/other"), None);
     }
 
     #[test]

@@ -48,6 +48,26 @@ pub fn wait_for<T>(
     }
 }
 
+/// The pid of the run that made namespace `name` (`fllab-h1-1234` → 1234): the last
+/// dash-separated field, as [`Ns::new`] names them.
+pub fn owner(name: &str) -> Option<u32> {
+    name.rsplit('-').next().and_then(|p| p.parse().ok())
+}
+
+/// True when `pid` is a live xtask other than us: its resources are in use.
+///
+/// By `/proc/PID/exe`, not `comm`: `cargo xtask test` starts the lab and the bench as
+/// `/proc/self/exe`, whose `comm` is `exe`, and a run judged dead by its `comm` had its
+/// namespaces deleted by the next run. A recycled pid is another program, so it does
+/// not count.
+pub fn run_alive(pid: u32) -> bool {
+    pid != std::process::id()
+        && fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            exe.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("xtask"))
+        })
+}
+
 /// A network namespace `<prefix><role>-<pid>`; processes inside are killed and the
 /// namespace deleted on drop.
 pub struct Ns {

@@ -5,13 +5,13 @@
 //! does not build for another crate's tests), then `cargo test`. Under `CI=true` anything
 //! that would make tests skip is an error here already. Then `lab --once` brings up the
 //! 3-host lab, and nothing of it may remain afterwards; last, `bench --quick` must report
-//! every row.
+//! every row, and sweep and chart every row it measured.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::{
     ebpf, setup,
-    util::{cargo, is_root, run, under_ci},
+    util::{cargo, is_root, run, show, under_ci},
 };
 
 pub fn test(cargo_args: &[String]) -> Result<()> {
@@ -64,7 +64,8 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask bench --quick`: its report must have every row, measured or with the
-/// reason it is unavailable. Nothing asserts speed.
+/// reason it is unavailable, and every measured row its message-size sweep, in the
+/// tables and as a line in both charts. Nothing asserts speed.
 fn bench_quick() -> Result<()> {
     if !is_root() {
         eprintln!("warning: not root: cargo xtask bench --quick is skipped");
@@ -74,35 +75,37 @@ fn bench_quick() -> Result<()> {
     run(std::process::Command::new("/proc/self/exe")
         .args(["bench", "--quick", "--offloads", "on", "--out"])
         .arg(dir.path()))?;
-    let report = std::fs::read_to_string(dir.path().join("report.md"))?;
-    let missing: Vec<&str> = crate::bench::rows::Row::ALL
-        .iter()
-        .map(|r| r.name())
-        .filter(|name| !report.contains(&format!("| {name} |")))
-        .collect();
-    if !missing.is_empty() {
-        bail!("the bench report lacks rows: {}", missing.join(", "));
+    let problems = crate::bench::check_outputs(dir.path())?;
+    if !problems.is_empty() {
+        bail!(
+            "the bench outputs in {} are incomplete:\n  {}",
+            dir.keep().display(),
+            problems.join("\n  ")
+        );
     }
-    eprintln!("bench --quick: every row reported");
+    eprintln!("bench --quick: every row reported, every measured row swept and charted");
     Ok(())
 }
 
-/// The lab once, 3 hosts x 2 containers: full connectivity, then nothing left behind.
+/// The lab once, 3 hosts x 2 containers: full connectivity, then nothing of this run
+/// left behind (another run's lab, going on meanwhile, is not ours to judge).
 fn lab_once() -> Result<()> {
     if !is_root() {
         eprintln!("warning: not root: the lab run (cargo xtask lab --once) is skipped");
         return Ok(());
     }
     // Not current_exe(): a concurrent rebuild may have replaced the file we started from.
-    run(std::process::Command::new("/proc/self/exe").args([
-        "lab",
-        "--once",
-        "--hosts",
-        "3",
-        "--containers",
-        "2",
-    ]))?;
-    let left = crate::lab::leftovers();
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.args(["lab", "--once", "--hosts", "3", "--containers", "2"]);
+    eprintln!("+ {}", show(&cmd));
+    let mut child = cmd.spawn().context("start the lab")?;
+    // Its pid is in the name of everything it makes.
+    let pid = child.id();
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("lab --once failed ({status})");
+    }
+    let left = crate::lab::leftovers(pid);
     if !left.is_empty() {
         bail!(
             "the lab left behind: {}; run `cargo xtask lab down`",

@@ -21,12 +21,34 @@ pub struct Durations {
     pub iperf3: u32,
     /// iperf3 `-O`: seconds of slow start left out of the figure.
     pub iperf3_omit: u32,
-    /// qperf `-t` per test (and per message size in a sweep), seconds.
+    /// qperf `-t` per test, seconds.
     pub qperf: u32,
 }
 
-/// The message sizes of a sweep, as flannel users run it: `msg_size:1:64K:*2`.
-pub const SWEEP: &str = "msg_size:1:64K:*2";
+/// A qperf message-size sweep, `-oo msg_size:1:64K:*STEP`, of tcp_bw and tcp_lat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Sweep {
+    /// 2 as the issue asks (17 sizes); a larger power of two for fewer sizes.
+    pub step: u32,
+    /// qperf `-t` per size and test, seconds. qperf takes whole seconds only, and a
+    /// sweep runs 2 tests per size, so this is what a sweep costs per size.
+    pub secs: u32,
+}
+
+impl Sweep {
+    /// What qperf is given after `-oo`.
+    pub fn spec(self) -> String {
+        format!("msg_size:1:64K:*{}", self.step)
+    }
+
+    /// The message sizes qperf goes through: 1, STEP, STEP², ... up to 64 KiB.
+    pub fn sizes(self) -> Vec<u64> {
+        let step = u64::from(self.step.max(2));
+        std::iter::successors(Some(1u64), |s| Some(s * step))
+            .take_while(|&s| s <= 65536)
+            .collect()
+    }
+}
 
 /// One repetition's figures. `None` where that tool failed (its error is in `errors`).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -35,7 +57,7 @@ pub struct Sample {
     pub iperf3_retransmits: Option<u64>,
     pub qperf_bw_gbps: Option<f64>,
     pub qperf_lat_us: Option<f64>,
-    /// Only with `--sweep`.
+    /// Only in the samples the sweep ran for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sweep: Vec<SweepPoint>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -93,7 +115,8 @@ fn tool(ns: &Ns, program: &str, cpu: Option<usize>) -> Command {
 #[derive(Clone, Copy, Debug)]
 pub struct Client {
     pub durations: Durations,
-    pub sweep: bool,
+    /// Also a message-size sweep.
+    pub sweep: Option<Sweep>,
     /// The CPU the client is pinned to.
     pub cpu: Option<usize>,
 }
@@ -108,21 +131,54 @@ pub fn sample(c1: &Ns, target: &str, c: Client, dir: &Path) -> Sample {
         }
         Err(e) => s.errors.push(format!("iperf3: {e:#}")),
     }
-    match qperf(c1, target, c, &[], dir) {
-        Ok(blocks) => {
-            s.qperf_bw_gbps = blocks.iter().find_map(|b| b.bw_gbps);
-            s.qperf_lat_us = blocks.iter().find_map(|b| b.lat_us);
+    // qperf's defaults are 64 KiB messages for tcp_bw and 1 B for tcp_lat: a sweep as
+    // long per size as the plain run measures those two as well, so the plain run is
+    // left out (it would repeat them).
+    let from_sweep = c.sweep.filter(|sw| sw.secs == c.durations.qperf);
+    if from_sweep.is_none() {
+        match qperf(c1, target, c.durations.qperf, c.cpu, None, dir) {
+            Ok(blocks) => {
+                s.qperf_bw_gbps = blocks.iter().find_map(|b| b.bw_gbps);
+                s.qperf_lat_us = blocks.iter().find_map(|b| b.lat_us);
+            }
+            Err(e) => s.errors.push(format!("qperf: {e:#}")),
         }
-        Err(e) => s.errors.push(format!("qperf: {e:#}")),
     }
-    if c.sweep {
-        match qperf(c1, target, c, &["-vu", "-oo", SWEEP], dir) {
-            Ok(blocks) => s.sweep = merge_sweep(&blocks),
+    if let Some(sweep) = c.sweep {
+        match qperf(c1, target, sweep.secs, c.cpu, Some(sweep), dir) {
+            Ok(blocks) => {
+                s.sweep = merge_sweep(&blocks);
+                let missing: Vec<String> = sweep
+                    .sizes()
+                    .into_iter()
+                    .filter(|&size| {
+                        !s.sweep.iter().any(|p| {
+                            p.msg_size == size && p.bw_gbps.is_some() && p.lat_us.is_some()
+                        })
+                    })
+                    .map(|size| size.to_string())
+                    .collect();
+                if !missing.is_empty() {
+                    s.errors.push(format!(
+                        "qperf sweep: no tcp_bw or tcp_lat at msg_size {}",
+                        missing.join(", ")
+                    ));
+                }
+            }
             Err(e) => s.errors.push(format!("qperf sweep: {e:#}")),
         }
     }
+    if from_sweep.is_some() {
+        let at = |size: u64| s.sweep.iter().find(|p| p.msg_size == size);
+        s.qperf_bw_gbps = at(QPERF_BW_DEFAULT_SIZE).and_then(|p| p.bw_gbps);
+        s.qperf_lat_us = at(QPERF_LAT_DEFAULT_SIZE).and_then(|p| p.lat_us);
+    }
     s
 }
+
+/// qperf's default `msg_size` for tcp_bw and for tcp_lat.
+const QPERF_BW_DEFAULT_SIZE: u64 = 65536;
+const QPERF_LAT_DEFAULT_SIZE: u64 = 1;
 
 /// Single-stream TCP: Gbit/s received, and the sender's retransmits.
 fn iperf3(c1: &Ns, target: &str, c: Client, dir: &Path) -> Result<(f64, Option<u64>)> {
@@ -165,16 +221,31 @@ pub fn parse_iperf3(json: &str) -> Result<(f64, Option<u64>)> {
     Ok((bps / 1e9, retr))
 }
 
-/// Runs `qperf TARGET -t T EXTRA tcp_bw tcp_lat` and parses its blocks.
-fn qperf(c1: &Ns, target: &str, c: Client, extra: &[&str], dir: &Path) -> Result<Vec<QperfBlock>> {
-    let t = c.durations.qperf;
-    let mut cmd = tool(c1, "qperf", c.cpu);
-    cmd.args([target, "-t", &t.to_string()])
-        .args(extra)
-        .args(["tcp_bw", "tcp_lat"]);
-    let runs: u64 = if extra.contains(&SWEEP) { 2 * 17 } else { 2 };
-    let timeout = Duration::from_secs(runs * (u64::from(t) + 3) + 20);
-    let out = run_bounded(cmd, &dir.join("qperf.out"), timeout)?;
+/// Runs `qperf TARGET -t SECS [-vu -oo SWEEP] tcp_bw tcp_lat` and parses its blocks.
+fn qperf(
+    c1: &Ns,
+    target: &str,
+    secs: u32,
+    cpu: Option<usize>,
+    sweep: Option<Sweep>,
+    dir: &Path,
+) -> Result<Vec<QperfBlock>> {
+    let mut cmd = tool(c1, "qperf", cpu);
+    cmd.args([target, "-t", &secs.to_string()]);
+    let mut runs = 2;
+    if let Some(sw) = sweep {
+        // -vu prints msg_size with each result, which pairs them up.
+        cmd.args(["-vu", "-oo", &sw.spec()]);
+        runs *= sw.sizes().len() as u64;
+    }
+    cmd.args(["tcp_bw", "tcp_lat"]);
+    let timeout = Duration::from_secs(runs * (u64::from(secs) + 3) + 20);
+    let file = if sweep.is_some() {
+        "qperf-sweep.out"
+    } else {
+        "qperf.out"
+    };
+    let out = run_bounded(cmd, &dir.join(file), timeout)?;
     let blocks = parse_qperf(&out);
     if blocks.is_empty() {
         bail!("no results in qperf's output: {out:?}");
@@ -351,6 +422,19 @@ mod tests {
         assert_eq!(points[1].msg_size, 2048);
         assert!(close(points[1].bw_gbps, 1.6e-5));
         assert!(close(points[1].lat_us, 6.0));
+    }
+
+    #[test]
+    fn sweep_sizes() {
+        let full = Sweep { step: 2, secs: 1 };
+        assert_eq!(full.spec(), "msg_size:1:64K:*2");
+        let sizes = full.sizes();
+        assert_eq!(sizes.len(), 17);
+        assert_eq!((sizes[0], sizes[16]), (1, 65536));
+        assert_eq!(
+            Sweep { step: 16, secs: 1 }.sizes(),
+            [1, 16, 256, 4096, 65536]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     chart::{self, Series},
-    measure::{Durations, Sample},
+    measure::{Durations, Sample, Sweep},
     rows::Row,
 };
 
@@ -65,7 +65,9 @@ pub struct Meta {
     pub loadavg_end: String,
     pub quick: bool,
     pub repeat: u32,
-    pub sweep: bool,
+    /// The message-size sweep (first round only), and the offload settings it ran under.
+    pub sweep: Option<Sweep>,
+    pub sweep_modes: Vec<Offloads>,
     pub durations: Durations,
     /// The CPUs the clients (c1) and the servers (c2) were pinned to.
     pub pinned: Option<[usize; 2]>,
@@ -339,7 +341,8 @@ impl Report {
         out
     }
 
-    /// qperf over message sizes under `m`: a line per size, a column per dataplane.
+    /// qperf over message sizes under `m`: a line per size, a column per dataplane; each
+    /// value with its ratio to kernel-vxlan at the same size.
     pub fn sweep_table(&self, m: Offloads, bw: bool) -> Option<Vec<Vec<String>>> {
         let medians = self.sweep_medians(m, bw);
         let mut sizes: Vec<u64> = medians
@@ -351,24 +354,37 @@ impl Report {
         if sizes.is_empty() {
             return None;
         }
+        let reference = medians
+            .iter()
+            .find(|(row, _)| *row == Row::KernelVxlan)
+            .map(|(_, pts)| pts.clone())
+            .unwrap_or_default();
         let mut table = vec![
             std::iter::once("msg_size".to_owned())
                 .chain(medians.iter().map(|(row, _)| row.name().to_owned()))
                 .collect(),
         ];
         for size in sizes {
+            let base = reference
+                .iter()
+                .find(|p| p.0 == size)
+                .map(|p| p.1)
+                .filter(|b| *b > 0.0);
             let mut line = vec![size.to_string()];
-            for (_, pts) in &medians {
-                line.push(pts.iter().find(|p| p.0 == size).map_or_else(
-                    || "-".to_owned(),
-                    |&(_, v)| {
-                        if bw {
-                            format!("{v:.3}")
-                        } else {
-                            format!("{v:.1}")
-                        }
-                    },
-                ));
+            for (row, pts) in &medians {
+                let Some(&(_, v)) = pts.iter().find(|p| p.0 == size) else {
+                    line.push("-".to_owned());
+                    continue;
+                };
+                let mut cell = if bw {
+                    format!("{v:.3}")
+                } else {
+                    format!("{v:.1}")
+                };
+                if let Some(b) = base.filter(|_| *row != Row::KernelVxlan) {
+                    let _ = write!(cell, " ({:.2}×)", v / b);
+                }
+                line.push(cell);
             }
             table.push(line);
         }
@@ -442,7 +458,7 @@ impl Report {
         let _ = writeln!(
             out,
             "iperf3 -t {} -O {}, qperf -t {}; {} round(s), each setting every row up afresh \
-             (median of the rounds, and min–max when repeated); {}{}.\n",
+             (median of the rounds, and min–max when repeated); {}{}.",
             m.durations.iperf3,
             m.durations.iperf3_omit,
             m.durations.qperf,
@@ -453,6 +469,21 @@ impl Report {
             ),
             if m.quick { "; --quick" } else { "" }
         );
+        match m.sweep {
+            Some(sw) => {
+                let modes: Vec<&str> = m.sweep_modes.iter().map(|o| o.name()).collect();
+                let _ = writeln!(
+                    out,
+                    "Sweep: qperf -t {} -oo {} tcp_bw tcp_lat ({} sizes), in the first round, \
+                     offloads {}.\n",
+                    sw.secs,
+                    sw.spec(),
+                    sw.sizes().len(),
+                    modes.join(" and ")
+                );
+            }
+            None => out += "No message-size sweep (--no-sweep).\n\n",
+        }
         for fig in Figure::ALL {
             let _ = writeln!(out, "## {}\n", fig.title());
             out += &markdown_table(&self.table(fig));
@@ -469,8 +500,9 @@ impl Report {
         for mode in self.modes() {
             for bw in [true, false] {
                 if let Some(t) = self.sweep_table(mode, bw) {
-                    let _ = writeln!(out, "\n## {}\n", sweep_title(mode, bw));
-                    let _ = writeln!(out, "![chart]({})\n", chart_file(mode, bw));
+                    let title = sweep_title(mode, bw);
+                    let _ = writeln!(out, "\n## {title}\n");
+                    let _ = writeln!(out, "![{title}]({})\n", chart_file(mode, bw));
                     out += &markdown_table(&t);
                 }
             }
@@ -494,7 +526,7 @@ impl Report {
 }
 
 /// The SVG next to report.md for a sweep figure.
-fn chart_file(m: Offloads, bw: bool) -> String {
+pub fn chart_file(m: Offloads, bw: bool) -> String {
     format!(
         "sweep-{}-offloads-{}.svg",
         if bw { "tcp_bw" } else { "tcp_lat" },
@@ -502,7 +534,7 @@ fn chart_file(m: Offloads, bw: bool) -> String {
     )
 }
 
-fn sweep_title(m: Offloads, bw: bool) -> String {
+pub fn sweep_title(m: Offloads, bw: bool) -> String {
     format!(
         "qperf {} by msg_size, offloads {}, {}",
         if bw { "tcp_bw" } else { "tcp_lat" },
@@ -579,7 +611,8 @@ mod tests {
                 loadavg_end: "0".into(),
                 quick: true,
                 repeat: 1,
-                sweep: false,
+                sweep: None,
+                sweep_modes: Vec::new(),
                 durations: Durations {
                     iperf3: 2,
                     iperf3_omit: 0,

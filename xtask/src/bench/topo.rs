@@ -16,8 +16,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{interrupted, wait_for};
-use crate::netns::kill_and_delete;
 pub use crate::netns::{Ns, Proc};
+use crate::netns::{kill_and_delete, run_alive};
 use crate::util::{output, show};
 
 /// Every namespace of a bench run starts with this.
@@ -26,30 +26,107 @@ pub const PREFIX: &str = "flbench-";
 pub const UNDERLAY: &str = "10.98.0";
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
 
-/// Leftover `flbench-` namespaces: those of a dead run are cleaned, a live run's are an
-/// error (two runs at once would measure each other).
-pub fn clean_leftovers() -> Result<()> {
-    let list = output(Command::new("ip").args(["netns", "list"]))?;
-    for name in list
+/// Machine-wide: one bench measures at a time. Held for the whole run.
+pub struct BenchLock {
+    _file: fs::File,
+}
+
+/// Where the lock lives: `/run/lock` (a tmpfs, so a reboot clears it), else the temp dir.
+fn lock_path() -> std::path::PathBuf {
+    let run_lock = Path::new("/run/lock");
+    let dir = if run_lock.is_dir() {
+        run_lock.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join("flannel-rs-bench.lock")
+}
+
+/// Waits until no other bench runs, then removes the `flbench-` namespaces a killed run
+/// left. Two benches at once would measure each other, and two `cargo xtask test` runs
+/// each run one: the second waits for the first instead of failing. The lock (an
+/// advisory `flock`, released when the process ends, even killed) is the turn; a live
+/// run's namespaces (e.g. of an xtask that predates the lock) are waited for as well, and
+/// only those of dead runs are removed.
+pub fn take_turn() -> Result<BenchLock> {
+    let path = lock_path();
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open the bench lock {}", path.display()))?;
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("lock {}", path.display()));
+            }
+        }
+        if !said {
+            eprintln!(
+                "bench: another bench holds {}; waiting for it to finish",
+                path.display()
+            );
+            said = true;
+        }
+        if interrupted() {
+            bail!("interrupted while waiting for another bench to finish");
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    let live = || {
+        namespaces()
+            .into_iter()
+            .filter_map(|n| {
+                crate::netns::owner(&n)
+                    .filter(|&p| run_alive(p))
+                    .map(|p| (n, p))
+            })
+            .next()
+    };
+    // An hour is longer than any run; a stuck one should not block forever.
+    let waited = wait_for(
+        "another bench to finish",
+        Duration::from_secs(3600),
+        || match live() {
+            None => Some(()),
+            Some((name, pid)) => {
+                if !said {
+                    eprintln!(
+                        "bench: namespace {name} belongs to a running bench (pid {pid}); \
+                         waiting for it to finish"
+                    );
+                    said = true;
+                }
+                None
+            }
+        },
+    )?;
+    if waited.is_none() {
+        bail!("another bench (namespaces flbench-*) is still running after an hour");
+    }
+    for name in namespaces() {
+        if crate::netns::owner(&name).is_some_and(run_alive) {
+            continue;
+        }
+        eprintln!("bench: removing the leftover namespace {name}");
+        kill_and_delete(&name);
+    }
+    Ok(BenchLock { _file: file })
+}
+
+/// The namespaces named `flbench-*`.
+fn namespaces() -> Vec<String> {
+    output(Command::new("ip").args(["netns", "list"]))
+        .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|n| n.starts_with(PREFIX))
-    {
-        let owner = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = owner.filter(|&p| p != std::process::id() && alive(p)) {
-            bail!(
-                "namespace {name} belongs to a running bench (pid {pid}); wait for it or stop it"
-            );
-        }
-        eprintln!("bench: removing the leftover namespace {name}");
-        kill_and_delete(name);
-    }
-    Ok(())
-}
-
-/// True when process `pid` exists and is an xtask (so a recycled pid does not block us).
-fn alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim().starts_with("xtask"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs a short-lived command to completion with its stdout in `out_file`, giving up after
