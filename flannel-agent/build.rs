@@ -5,10 +5,11 @@
 //! the object is missing, an empty file is embedded and `flanneld` refuses the eBPF
 //! dataplane at run time with a message saying how to build it.
 //!
-//! Rerun triggers: the object itself and, for the default location, its directory.
-//! Watching a missing file would make cargo rerun this script (and rebuild the agent) on
-//! every build, so the default directory is created and watched instead; it only changes
-//! during BPF builds.
+//! Rerun triggers: the object itself once it exists. Watching a missing file would make
+//! cargo rerun this script (and rebuild the agent) on every build, so until the object
+//! exists its default directory is created and watched instead. Not both: cargo rewrites
+//! `flannel-ebpf.d` in that directory on every BPF build, even one with nothing to do, and
+//! a watched directory would then rebuild the agent every time.
 
 use std::{env, fs, path::PathBuf};
 
@@ -37,7 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // recursively, so the parent of an arbitrary FLANNEL_EBPF_OBJECT (say `/`) could cost
     // a scan of the whole filesystem on every build. An override is re-read when the
     // variable or the file changes.
-    if is_default && let Some(dir) = object.parent() {
+    if is_default
+        && !object.is_file()
+        && let Some(dir) = object.parent()
+    {
         fs::create_dir_all(dir)?;
         println!("cargo::rerun-if-changed={}", dir.display());
     }
