@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use ipnet::Ipv4Net;
@@ -48,8 +48,16 @@ pub struct HostGwBackend {
     synced: bool,
     /// Our lease subnet, once set up.
     own: Option<Ipv4Net>,
-    /// `--dataplane ebpf`: the pin directory; the fast path once attached.
-    ebpf: Option<(std::path::PathBuf, Option<HostGwFastPath>)>,
+    /// `--dataplane ebpf`.
+    ebpf: Option<Forwarder>,
+}
+
+/// The eBPF forwarder asked for with `--dataplane ebpf`.
+struct Forwarder {
+    /// Where it pins its maps and links.
+    pin_dir: PathBuf,
+    /// The fast path, once attached (at setup).
+    attached: Option<HostGwFastPath>,
 }
 
 impl HostGwBackend {
@@ -102,17 +110,20 @@ impl HostGwBackend {
 
     /// Runs the eBPF forwarder next to the routes, pinned under `pin_dir`.
     pub fn with_ebpf(mut self, pin_dir: &Path) -> Self {
-        self.ebpf = Some((pin_dir.to_owned(), None));
+        self.ebpf = Some(Forwarder {
+            pin_dir: pin_dir.to_owned(),
+            attached: None,
+        });
         self
     }
 
     /// The attached eBPF forwarder, if any.
     pub fn fast(&self) -> Option<&HostGwFastPath> {
-        self.ebpf.as_ref().and_then(|(_, f)| f.as_ref())
+        self.ebpf.as_ref().and_then(|f| f.attached.as_ref())
     }
 
     fn fast_mut(&mut self) -> Option<&mut HostGwFastPath> {
-        self.ebpf.as_mut().and_then(|(_, f)| f.as_mut())
+        self.ebpf.as_mut().and_then(|f| f.attached.as_mut())
     }
 
     /// Whether address notifications matter ([`HostGwBackend::link_event`]).
@@ -123,19 +134,19 @@ impl HostGwBackend {
     /// Our subnet is `own`: (re-)attaches the eBPF forwarder for it, if asked for.
     pub async fn setup(&mut self, nl: &Netlink, own: Ipv4Net) -> Result<(), BackendError> {
         self.own = Some(own);
-        let Some((pin_dir, fast)) = &mut self.ebpf else {
+        let Some(fwd) = &mut self.ebpf else {
             return Ok(());
         };
         // Drop the old handle first: its pinned maps are adopted by the new attach.
-        *fast = None;
+        fwd.attached = None;
         let attached = HostGwFastPath::attach(HostGwFastPathConfig {
             underlay_ifindex: self.ext_dev,
             public_ip: self.public_ip,
             subnet: own,
-            pin_dir: pin_dir.clone(),
+            pin_dir: fwd.pin_dir.clone(),
         })?;
-        info!(underlay_ifindex = self.ext_dev, subnet = %own, pins = %pin_dir.display(), "eBPF host-gw forwarder attached");
-        *fast = Some(attached);
+        info!(underlay_ifindex = self.ext_dev, subnet = %own, pins = %fwd.pin_dir.display(), "eBPF host-gw forwarder attached");
+        fwd.attached = Some(attached);
         self.sync_fast_peers()?;
         self.find_pod_devices(nl).await
     }
