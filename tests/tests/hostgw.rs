@@ -19,14 +19,19 @@ fn wait_route(ns: &NetNs, line: &str, timeout: Duration) {
     }
 }
 
-#[test]
-fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
-    let test = "host_gw_routes_via_public_ip_carry_traffic_and_are_restored";
-    let Some(c) = OverlayCluster::new(
+/// Two hosts, etcd and the host-gw network config; `None` is a skip.
+fn host_gw_cluster(test: &str) -> Option<OverlayCluster> {
+    OverlayCluster::new(
         test,
         2,
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
-    ) else {
+    )
+}
+
+#[test]
+fn host_gw_routes_via_public_ip_carry_traffic_and_are_restored() {
+    let test = "host_gw_routes_via_public_ip_carry_traffic_and_are_restored";
+    let Some(c) = host_gw_cluster(test) else {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -178,11 +183,7 @@ fn host_gw_ebpf_forwarder_carries_pod_traffic_and_outlives_flanneld() {
     if !flannel_tests::require_ebpf(test) {
         return;
     }
-    let Some(c) = OverlayCluster::new(
-        test,
-        2,
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
-    ) else {
+    let Some(c) = host_gw_cluster(test) else {
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);

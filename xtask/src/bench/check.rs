@@ -160,7 +160,7 @@ fn check_chart(file: &str, svg: &str, rows: &[&str], points: usize) -> Vec<Strin
 mod tests {
     use super::*;
     use crate::bench::{
-        measure::{Durations, Sample, SweepPoint},
+        measure::{Sample, SweepPoint},
         report::{Meta, Report, RowResult, Status},
     };
 
@@ -197,25 +197,7 @@ mod tests {
             results[r].samples = vec![sample(scale)];
         }
         Report {
-            meta: Meta {
-                date: "d".into(),
-                kernel: "k".into(),
-                cpus: 2,
-                cpu_model: "c".into(),
-                commit: "abc".into(),
-                loadavg_start: "0".into(),
-                loadavg_end: "0".into(),
-                quick: true,
-                repeat: 1,
-                sweep: Some(sweep),
-                sweep_modes: vec![Offloads::On],
-                durations: Durations {
-                    iperf3: 2,
-                    iperf3_omit: 0,
-                    qperf: 1,
-                },
-                pinned: None,
-            },
+            meta: Meta::for_test(Some(sweep), vec![Offloads::On]),
             results,
         }
     }

@@ -73,6 +73,32 @@ pub struct Meta {
     pub pinned: Option<[usize; 2]>,
 }
 
+#[cfg(test)]
+impl Meta {
+    /// A quick, one-round run's metadata with placeholder machine facts, for the tests.
+    pub fn for_test(sweep: Option<Sweep>, sweep_modes: Vec<Offloads>) -> Meta {
+        Meta {
+            date: "d".into(),
+            kernel: "k".into(),
+            cpus: 2,
+            cpu_model: "c".into(),
+            commit: "abc".into(),
+            loadavg_start: "0".into(),
+            loadavg_end: "0".into(),
+            quick: true,
+            repeat: 1,
+            sweep,
+            sweep_modes,
+            durations: Durations {
+                iperf3: 2,
+                iperf3_omit: 0,
+                qperf: 1,
+            },
+            pinned: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub meta: Meta,
@@ -601,25 +627,7 @@ mod tests {
             note: None,
         };
         Report {
-            meta: Meta {
-                date: "d".into(),
-                kernel: "k".into(),
-                cpus: 2,
-                cpu_model: "c".into(),
-                commit: "abc".into(),
-                loadavg_start: "0".into(),
-                loadavg_end: "0".into(),
-                quick: true,
-                repeat: 1,
-                sweep: None,
-                sweep_modes: Vec::new(),
-                durations: Durations {
-                    iperf3: 2,
-                    iperf3_omit: 0,
-                    qperf: 1,
-                },
-                pinned: None,
-            },
+            meta: Meta::for_test(None, Vec::new()),
             results: vec![
                 measured(Row::KernelVxlan, Offloads::On, vec![sample(10.0, 20.0)]),
                 measured(
