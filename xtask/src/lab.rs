@@ -589,9 +589,7 @@ fn run_lab(args: &LabArgs, flanneld: &Path, xtask: &Path, dir: &Path) -> Result<
     // Declaration order is teardown order reversed: flanneld, etcd, hosts with their
     // containers, the bpffs, the underlay.
     let ul = lab_ns("ul")?;
-    ul.ip(&["link", "add", "br0", "type", "bridge"])?;
-    ul.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
-    ul.ip(&["link", "set", "br0", "up"])?;
+    ul.underlay_switch(&format!("{UNDERLAY}.1/24"))?;
     let bpffs = BpffsMount::new(dir.join("bpffs"))?;
     let mut hosts = Vec::new();
     for i in 1..=args.hosts {

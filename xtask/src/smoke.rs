@@ -106,9 +106,7 @@ fn run_smoke(flanneld: &Path, xtask: &Path, dir: &Path) -> Result<bool> {
     // Declaration order is teardown order reversed: flanneld first, then etcd, then the
     // host namespaces, the underlay last.
     let ul = Ns::new("flsmoke-", "ul")?;
-    ul.ip(&["link", "add", "br0", "type", "bridge"])?;
-    ul.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
-    ul.ip(&["link", "set", "br0", "up"])?;
+    ul.underlay_switch(&format!("{UNDERLAY}.1/24"))?;
     let mut hosts = Vec::new();
     for i in 1..=HOSTS {
         let ns = Ns::new("flsmoke-", &format!("h{i}"))?;

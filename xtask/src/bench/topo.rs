@@ -187,9 +187,7 @@ pub struct Underlay {
 impl Underlay {
     pub fn new(dir: &Path) -> Result<Underlay> {
         let ns = Ns::new(PREFIX, "ul")?;
-        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
-        ns.ip(&["addr", "add", &format!("{UNDERLAY}.1/24"), "dev", "br0"])?;
-        ns.ip(&["link", "set", "br0", "up"])?;
+        ns.underlay_switch(&format!("{UNDERLAY}.1/24"))?;
         let endpoint = format!("http://{UNDERLAY}.1:2379");
         let mut cmd = ns.command("etcd");
         cmd.args([
