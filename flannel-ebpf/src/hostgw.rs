@@ -33,14 +33,13 @@ use aya_ebpf::{
         bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
-use flannel_common::maps::{HostGwConfig, Peer, reason};
+use flannel_common::maps::{HostGwConfig, reason};
 
 use crate::{
     csum,
-    maps::{FLANNEL_HOSTGW_CONFIG, FLANNEL_PEERS},
+    maps::{FLANNEL_HOSTGW_CONFIG, configured, peer_for},
     parse::{ETH_LEN, Eth, IPV4_LEN, IPV4_TTL_AT, Ipv4, ensure_linear, read, write},
     tunnel::{ETH_P_IP, NOT_OURS, count_peer, is_fragment},
 };
@@ -55,24 +54,12 @@ const REWRITE_LEN: usize = ETH_LEN + IPV4_TTL_AT + 4;
 /// The host-gw configuration, or `None` before the agent wrote it.
 #[inline(always)]
 fn config() -> Option<HostGwConfig> {
-    let cfg = FLANNEL_HOSTGW_CONFIG.get(0)?;
-    // An all-zero entry (array maps start zeroed) means "not configured".
-    if cfg.public_ip_be == 0 {
-        return None;
-    }
-    Some(*cfg)
+    configured(&FLANNEL_HOSTGW_CONFIG, |c| c.public_ip_be)
 }
 
 #[inline(always)]
 fn in_subnet(cfg: &HostGwConfig, addr: [u8; 4]) -> bool {
     u32::from_ne_bytes(addr) & cfg.subnet_mask_be == cfg.subnet_be
-}
-
-#[inline(always)]
-fn peer_of(addr: [u8; 4]) -> Option<Peer> {
-    FLANNEL_PEERS
-        .get(Key::new(32, u32::from_ne_bytes(addr)))
-        .copied()
 }
 
 /// The IPv4 header of a frame this host was sent (its MAC was the destination), or
@@ -202,7 +189,7 @@ pub fn try_to_peer(ctx: &TcContext) -> Result<i32, u32> {
     if !in_subnet(&cfg, ip.src) {
         return Err(NOT_OURS);
     }
-    let peer = peer_of(ip.dst).ok_or(NOT_OURS)?;
+    let peer = peer_for(ip.dst).ok_or(NOT_OURS)?;
     check_forwardable(ctx, &ip)?;
     let fib = fib_forward(ctx, &ip)?;
     // SAFETY: reading the union member the helper wrote for an AF_INET lookup: the next
@@ -223,7 +210,7 @@ pub fn try_from_peer(ctx: &TcContext) -> Result<i32, u32> {
     if !in_subnet(&cfg, ip.dst) {
         return Err(NOT_OURS);
     }
-    let peer = peer_of(ip.src).ok_or(NOT_OURS)?;
+    let peer = peer_for(ip.src).ok_or(NOT_OURS)?;
     check_forwardable(ctx, &ip)?;
     let fib = fib_forward(ctx, &ip)?;
     // Our subnet is behind a local device; the underlay again would be a routing loop

@@ -1,4 +1,4 @@
-//! Every map of the BPF object, in one place.
+//! Every map of the BPF object, and the lookups the programs share, in one place.
 //!
 //! aya's `#[map(name = ...)]` takes only literals, so each name below is repeated from
 //! `flannel_common`; `tests/tests/ebpf_object.rs` fails if the two drift apart. None is
@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use flannel_common::{
     Counters,
@@ -53,3 +53,22 @@ pub static FLANNEL_PEER_COUNTERS: PerCpuArray<PeerCounters> =
 /// `flannel_common::MAP_REASONS`: per-CPU packet count per `reason`.
 #[map(name = "FLANNEL_REASONS")]
 pub static FLANNEL_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+/// The node configuration in `map`, or `None` before the agent wrote it: array maps start
+/// zeroed, and a zero PublicIP means "not configured".
+#[inline(always)]
+pub fn configured<T: Copy>(map: &Array<T>, public_ip_be: impl Fn(&T) -> u32) -> Option<T> {
+    let cfg = map.get(0)?;
+    if public_ip_be(cfg) == 0 {
+        return None;
+    }
+    Some(*cfg)
+}
+
+/// The peer whose subnet holds `addr` (an IPv4 address as it is on the wire).
+#[inline(always)]
+pub fn peer_for(addr: [u8; 4]) -> Option<Peer> {
+    FLANNEL_PEERS
+        .get(Key::new(32, u32::from_ne_bytes(addr)))
+        .copied()
+}

@@ -40,14 +40,13 @@ use aya_ebpf::{
         BPF_F_INGRESS, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_skb_change_head},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use flannel_common::maps::{FLAG_PEERS_SYNCED, UdpConfig, reason};
 
 use crate::{
     csum,
-    maps::{FLANNEL_PEERS, FLANNEL_SOURCES, FLANNEL_UDP_CONFIG},
+    maps::{FLANNEL_SOURCES, FLANNEL_UDP_CONFIG, configured, peer_for},
     parse::{
         ETH_LEN, Eth, IPV4_LEN, IPV4_TTL_AT, Ipv4, UDP_DECAP_HEADERS_LEN, UDP_ENCAP_LEN,
         ensure_linear, read, write,
@@ -61,12 +60,7 @@ use crate::{
 /// The udp configuration, or `None` before the agent wrote it.
 #[inline(always)]
 fn config() -> Option<UdpConfig> {
-    let cfg = FLANNEL_UDP_CONFIG.get(0)?;
-    // An all-zero entry (array maps start zeroed) means "not configured".
-    if cfg.public_ip_be == 0 {
-        return None;
-    }
-    Some(*cfg)
+    configured(&FLANNEL_UDP_CONFIG, |c| c.public_ip_be)
 }
 
 /// The 28 bytes in front of the inner IPv4 packet: outer IPv4 and UDP.
@@ -142,9 +136,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
     if u32::from(u16::from_be_bytes(ip.tot_len)) != inner_len {
         return Err(reason::PASS_BAD_HEADER);
     }
-    let peer = *FLANNEL_PEERS
-        .get(Key::new(32, u32::from_ne_bytes(ip.dst)))
-        .ok_or(reason::PASS_NO_PEER)?;
+    let peer = peer_for(ip.dst).ok_or(reason::PASS_NO_PEER)?;
     if ip.ttl <= 1 {
         return Err(reason::PASS_TTL_EXPIRED);
     }

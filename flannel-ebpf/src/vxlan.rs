@@ -35,14 +35,13 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use flannel_common::maps::{Config, FLAG_PEERS_SYNCED, Peer, reason};
 
 use crate::{
     csum,
-    maps::{FLANNEL_CONFIG, FLANNEL_PEERS, FLANNEL_SOURCES},
+    maps::{FLANNEL_CONFIG, FLANNEL_SOURCES, configured, peer_for},
     parse::{
         DECAP_HEADERS_LEN, ENCAP_LEN, ETH_LEN, Eth, IPV4_LEN, Ipv4, UDP_LEN, Vxlan, ensure_linear,
         read, write,
@@ -63,12 +62,7 @@ const ECN_ECT0: u8 = 0x02;
 /// The node configuration, or `None` before the agent wrote it.
 #[inline(always)]
 fn config() -> Option<Config> {
-    let cfg = FLANNEL_CONFIG.get(0)?;
-    // An all-zero entry (array maps start zeroed) means "not configured".
-    if cfg.public_ip_be == 0 {
-        return None;
-    }
-    Some(*cfg)
+    configured(&FLANNEL_CONFIG, |c| c.public_ip_be)
 }
 
 /// RFC 6040 / the kernel's `INET_ECN_encapsulate(0, inner)`.
@@ -144,9 +138,7 @@ pub fn try_encap(ctx: &TcContext) -> Result<i32, u32> {
     if is_fragment(&ip) {
         return Err(reason::PASS_FRAGMENT);
     }
-    let peer = *FLANNEL_PEERS
-        .get(Key::new(32, u32::from_ne_bytes(ip.dst)))
-        .ok_or(reason::PASS_NO_PEER)?;
+    let peer = peer_for(ip.dst).ok_or(reason::PASS_NO_PEER)?;
 
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the program's context pointer, valid for the whole run; reading

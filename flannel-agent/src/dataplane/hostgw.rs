@@ -29,7 +29,7 @@ use tracing::debug;
 use super::{
     ebpf::{EbpfError, probe_programs},
     pinned::{
-        Attached, LINKS_DIR, PeerSpec, node_config, open_pinned, peer_api, to_be, unpin_link,
+        Attached, LINKS_DIR, MaclessPeer, node_config, open_pinned, peer_api, to_be, unpin_link,
     },
     sys,
 };
@@ -60,13 +60,7 @@ pub struct HostGwFastPathConfig {
 }
 
 /// One peer lease, as the host-gw fast path needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct HostGwPeerEntry {
-    /// The peer's lease subnet.
-    pub subnet: Ipv4Net,
-    /// The peer's PublicIP: the gateway of its route.
-    pub public_ip: Ipv4Addr,
-}
+pub type HostGwPeerEntry = MaclessPeer;
 
 /// The attached host-gw fast path. Dropping it leaves the programs attached (pinned
 /// links) and the maps pinned: forwarding goes on without the agent.
@@ -75,24 +69,6 @@ pub struct HostGwFastPath {
     fp: Attached<HostGwConfig>,
     /// The devices `flannel_hostgw_to_peer` is attached to.
     pod_devices: BTreeSet<u32>,
-}
-
-impl HostGwPeerEntry {
-    fn spec(&self) -> PeerSpec {
-        // Routed, not tunnelled: no VtepMAC.
-        PeerSpec {
-            subnet: self.subnet,
-            public_ip: self.public_ip,
-            vtep_mac: [0; 6],
-        }
-    }
-
-    fn from_spec(p: PeerSpec) -> HostGwPeerEntry {
-        HostGwPeerEntry {
-            subnet: p.subnet,
-            public_ip: p.public_ip,
-        }
-    }
 }
 
 impl HostGwFastPath {

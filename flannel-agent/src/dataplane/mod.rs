@@ -37,4 +37,5 @@ pub use flannel_common::maps::PeerCounters;
 pub use hostgw::{HostGwFastPath, HostGwFastPathConfig, HostGwPeerEntry};
 /// The subnet type of the fast path API ([`PeerEntry::subnet`], [`FastPathConfig::subnet`]).
 pub use ipnet::Ipv4Net;
+pub use pinned::MaclessPeer;
 pub use udp::{UdpFastPath, UdpFastPathConfig, UdpPeerEntry};

@@ -346,12 +346,14 @@ pub(super) fn map_mut<'a>(
         .ok_or(EbpfError::Missing { kind: "map", name })
 }
 
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, EbpfError> {
+    ebpf.map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })
+}
+
 /// Packets that left the fast path of `ebpf`, per reason, summed over CPUs.
 fn drop_counters(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>, EbpfError> {
-    let map = ebpf.map(MAP_REASONS).ok_or(EbpfError::Missing {
-        kind: "map",
-        name: MAP_REASONS,
-    })?;
+    let map = map_ref(ebpf, MAP_REASONS)?;
     let counters: PerCpuArray<_, u64> =
         PerCpuArray::try_from(map).map_err(map_err("open", MAP_REASONS))?;
     (0..reason::COUNT)
@@ -400,10 +402,7 @@ impl PeerTable {
     /// the peer entry).
     pub(super) fn load(ebpf: &mut Ebpf) -> Result<PeerTable, EbpfError> {
         let routes: Vec<(Key<u32>, Peer)> = {
-            let map = ebpf.map(MAP_PEERS).ok_or(EbpfError::Missing {
-                kind: "map",
-                name: MAP_PEERS,
-            })?;
+            let map = map_ref(ebpf, MAP_PEERS)?;
             let trie: LpmTrie<_, u32, Peer> =
                 LpmTrie::try_from(map).map_err(map_err("open", MAP_PEERS))?;
             trie.iter()
@@ -411,10 +410,7 @@ impl PeerTable {
                 .map_err(map_err("iterate", MAP_PEERS))?
         };
         let sources: BTreeMap<u32, PeerSource> = {
-            let map = ebpf.map(MAP_SOURCES).ok_or(EbpfError::Missing {
-                kind: "map",
-                name: MAP_SOURCES,
-            })?;
+            let map = map_ref(ebpf, MAP_SOURCES)?;
             let hash: HashMap<_, u32, PeerSource> =
                 HashMap::try_from(map).map_err(map_err("open", MAP_SOURCES))?;
             hash.iter()
@@ -599,10 +595,7 @@ impl PeerTable {
 
     /// Traffic the fast path carried per peer, summed over CPUs.
     pub(super) fn counters(&self, ebpf: &Ebpf) -> Result<Vec<(Ipv4Net, PeerCounters)>, EbpfError> {
-        let map = ebpf.map(MAP_PEER_COUNTERS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: MAP_PEER_COUNTERS,
-        })?;
+        let map = map_ref(ebpf, MAP_PEER_COUNTERS)?;
         let counters: PerCpuArray<_, PeerCounters> =
             PerCpuArray::try_from(map).map_err(map_err("open", MAP_PEER_COUNTERS))?;
         self.peers
@@ -665,10 +658,7 @@ pub(super) trait NodeConfig: aya::Pod + Default {
 
 /// Reads the node configuration from the config map of `ebpf`.
 fn read_config<C: NodeConfig>(ebpf: &Ebpf) -> Result<C, EbpfError> {
-    let map = ebpf.map(C::MAP).ok_or(EbpfError::Missing {
-        kind: "map",
-        name: C::MAP,
-    })?;
+    let map = map_ref(ebpf, C::MAP)?;
     let array: Array<_, C> = Array::try_from(map).map_err(map_err("open", C::MAP))?;
     array.get(&0, 0).map_err(map_err("read", C::MAP))
 }
@@ -801,6 +791,34 @@ pub(super) struct PeerSpec {
     pub(super) public_ip: Ipv4Addr,
     /// The peer's VtepMAC; zero where the wire format has no inner Ethernet header.
     pub(super) vtep_mac: [u8; 6],
+}
+
+/// One peer lease as a fast path without an inner Ethernet header needs it (udp,
+/// host-gw): its subnet and PublicIP, no VtepMAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaclessPeer {
+    /// The peer's lease subnet.
+    pub subnet: Ipv4Net,
+    /// The peer's PublicIP: where its fast path listens (udp), the gateway of its route
+    /// (host-gw).
+    pub public_ip: Ipv4Addr,
+}
+
+impl MaclessPeer {
+    pub(super) fn spec(&self) -> PeerSpec {
+        PeerSpec {
+            subnet: self.subnet,
+            public_ip: self.public_ip,
+            vtep_mac: [0; 6],
+        }
+    }
+
+    pub(super) fn from_spec(p: PeerSpec) -> MaclessPeer {
+        MaclessPeer {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+        }
+    }
 }
 
 /// An attached fast path: what the vxlan, udp and host-gw ones are once their programs

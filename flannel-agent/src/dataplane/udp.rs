@@ -63,7 +63,7 @@ use ipnet::Ipv4Net;
 
 use super::{
     ebpf::{EbpfError, LINK_DECAP, LINK_ENCAP, probe_programs},
-    pinned::{Attached, PeerSpec, node_config, open_pinned, peer_api, to_be},
+    pinned::{Attached, MaclessPeer, node_config, open_pinned, peer_api, to_be},
 };
 
 node_config!(UdpConfig, MAP_UDP_CONFIG);
@@ -93,37 +93,13 @@ pub struct UdpFastPathConfig {
 }
 
 /// One peer lease, as the udp fast path needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UdpPeerEntry {
-    /// The peer's lease subnet.
-    pub subnet: Ipv4Net,
-    /// The peer's PublicIP (where its flanneld, or its fast path, listens on `Port`).
-    pub public_ip: Ipv4Addr,
-}
+pub type UdpPeerEntry = MaclessPeer;
 
 /// The attached udp fast path. Dropping it leaves the programs attached (pinned links)
 /// and the maps pinned: forwarding goes on without the agent.
 #[derive(Debug)]
 pub struct UdpFastPath {
     fp: Attached<UdpConfig>,
-}
-
-impl UdpPeerEntry {
-    fn spec(&self) -> PeerSpec {
-        // The udp wire format has no inner Ethernet header: no VtepMAC.
-        PeerSpec {
-            subnet: self.subnet,
-            public_ip: self.public_ip,
-            vtep_mac: [0; 6],
-        }
-    }
-
-    fn from_spec(p: PeerSpec) -> UdpPeerEntry {
-        UdpPeerEntry {
-            subnet: p.subnet,
-            public_ip: p.public_ip,
-        }
-    }
 }
 
 impl UdpFastPath {
